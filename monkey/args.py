@@ -1,0 +1,323 @@
+"""The one model of every user-facing MONKEY setting.
+
+Each field carries its infotext label, its parser and a description of what it accepts in its
+``metadata``; the UI order, the API (a list in UI order or a dict of named settings), the infotext
+written under every image and the paste-back parser are all derived from that one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Union
+
+AUTO = "auto"
+INFOTEXT_PREFIX = "MONKEY"
+VERSION_LABEL = f"{INFOTEXT_PREFIX} version"
+STATUS_LABEL = f"{INFOTEXT_PREFIX} status"
+
+Threshold = Union[float, str]
+"""A binarisation threshold in [0, 1], or ``"auto"`` for Otsu's threshold of that image's map."""
+
+Token = Union[int, str]
+"""An IP image-token index, or ``"auto"`` for the token whose map separates best."""
+
+
+class MonkeyArgsError(ValueError):
+    """A setting has the wrong type or is out of range; names the field, the value and what fits."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field = field_name
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"MONKEY setting '{field_name}' got {value!r}; allowed: {allowed}")
+
+
+Parser = Callable[[Any], Any]
+
+
+class Spec(NamedTuple):
+    label: str
+    parse: Parser
+    allowed: str
+    help: str
+
+
+def _spec(default: Any, label: str, parse: Parser, allowed: str, help: str) -> Any:
+    return field(default=default, metadata={"spec": Spec(f"{INFOTEXT_PREFIX} {label}", parse, allowed, help)})
+
+
+class _Reject(Exception):
+    pass
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _Reject
+
+
+def _as_number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _Reject
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _Reject from None
+    else:
+        raise _Reject
+    if not math.isfinite(number):
+        raise _Reject
+    return number
+
+
+def _float_in(lo: float, hi: float) -> Parser:
+    def parse(value: Any) -> float:
+        number = _as_number(value)
+        if not lo <= number <= hi:
+            raise _Reject
+        return number
+
+    return parse
+
+
+def _int_in(lo: int, hi: int) -> Parser:
+    def parse(value: Any) -> int:
+        number = _as_number(value)
+        if number != int(number) or not lo <= number <= hi:
+            raise _Reject
+        return int(number)
+
+    return parse
+
+
+_EMPTY_WORDS = ("", "default", "none")
+
+
+def _split(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        if value.strip().lower() in _EMPTY_WORDS:
+            return []
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise _Reject
+
+
+def _threshold(value: Any) -> Threshold:
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return _float_in(0.0, 1.0)(value)
+
+
+def _thresholds(value: Any) -> tuple[Threshold, ...]:
+    return tuple(_threshold(item) for item in _split(value))
+
+
+_LAYER_NAME = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
+
+
+def _layers(value: Any) -> tuple[str, ...]:
+    names = _split(value)
+    if not all(isinstance(name, str) and _LAYER_NAME.match(name) for name in names):
+        raise _Reject
+    return tuple(names)
+
+
+MAX_TOKEN = 1023
+
+
+def _token(value: Any) -> Token:
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return _int_in(0, MAX_TOKEN)(value)
+
+
+_UNIT = "a number from 0.0 to 1.0"
+
+
+@dataclass(frozen=True)
+class MonkeyArgs:
+    enabled: bool = _spec(
+        False, "enabled", _as_bool, "true or false", "Run MONKEY's two passes on the IP-Adapter units."
+    )
+    threshold: float = _spec(
+        0.5, "threshold", _float_in(0.0, 1.0), _UNIT,
+        "Pixels whose min-max normalised attention reaches this value are subject (paper: 0.5).",
+    )
+    thresholds: tuple[Threshold, ...] = _spec(
+        (), "per-image thresholds", _thresholds,
+        "a comma-separated list of numbers from 0.0 to 1.0 or 'auto'",
+        "One threshold per image of the generation, in order; 'auto' uses Otsu's threshold on "
+        "that image's map. Images past the end of the list use the threshold above.",
+    )
+    layers: tuple[str, ...] = _spec(
+        (), "layer", _layers,
+        "'default' or comma-separated module paths such as output_blocks.4.1.transformer_blocks.0.attn2",
+        "Cross-attention layer(s) whose IP attention builds the mask; several are averaged. "
+        "'default' is the paper's layer (SD1.x) or its SDXL equivalent.",
+    )
+    token: Token = _spec(
+        1, "token", _token, f"an integer from 0 to {MAX_TOKEN}, or 'auto'",
+        "IP image token whose attention is the mask (paper: 1); 'auto' picks, per image, the token "
+        "whose map splits into foreground and background most clearly.",
+    )
+    record_start: float = _spec(
+        0.25, "record start", _float_in(0.0, 1.0), _UNIT,
+        "Start of the pass-1 steps that are recorded, as a fraction of the schedule.",
+    )
+    record_end: float = _spec(
+        0.75, "record end", _float_in(0.0, 1.0), _UNIT,
+        "End (exclusive) of the recorded pass-1 steps; pass 1 stops right after them.",
+    )
+    apply_start: float = _spec(
+        0.25, "apply start", _float_in(0.0, 1.0), _UNIT,
+        "Start of the pass-2 steps where the mask is applied, as a fraction of the schedule.",
+    )
+    apply_end: float = _spec(
+        0.75, "apply end", _float_in(0.0, 1.0), _UNIT, "End (exclusive) of the masked pass-2 steps."
+    )
+    ip_off_outside: bool = _spec(
+        True, "IP off outside window", _as_bool, "true or false",
+        "Switch IP-Adapter off outside the apply window, as the reference code does; off keeps "
+        "plain IP-Adapter there.",
+    )
+    outside_weight: float = _spec(
+        0.0, "outside weight", _float_in(0.0, 1.0), _UNIT,
+        "IP-Adapter weight kept outside the mask (paper: 0).",
+    )
+    dilate: int = _spec(
+        0, "dilate", _int_in(0, 256), "an integer from 0 to 256 (pixels)",
+        "Grow the mask by this many image pixels.",
+    )
+    feather: int = _spec(
+        0, "feather", _int_in(0, 256), "an integer from 0 to 256 (pixels)",
+        "Soften the mask edge over about this many image pixels.",
+    )
+    source_unit: int = _spec(
+        0, "source unit", _int_in(0, 63), "an integer from 0 to 63",
+        "Which enabled IP-Adapter unit (0 = first) records the mask; every unit is masked.",
+    )
+    preview: bool = _spec(
+        True, "preview", _as_bool, "true or false", "Show each image's mask after the images."
+    )
+    preview_pass1: bool = _spec(
+        False, "preview pass 1", _as_bool, "true or false",
+        "Also show the pass-1 image (its state at the last recorded step).",
+    )
+    save_masks: bool = _spec(
+        False, "save masks", _as_bool, "true or false",
+        "Save each mask next to its image with a -monkey-mask suffix.",
+    )
+
+    def __post_init__(self) -> None:
+        for name in names():
+            try:
+                value = spec(name).parse(getattr(self, name))
+            except _Reject:
+                raise MonkeyArgsError(name, getattr(self, name), spec(name).allowed) from None
+            object.__setattr__(self, name, value)
+        for start, end in (("record_start", "record_end"), ("apply_start", "apply_end")):
+            if getattr(self, start) >= getattr(self, end):
+                raise MonkeyArgsError(
+                    f"{start}/{end}",
+                    (getattr(self, start), getattr(self, end)),
+                    f"{start} must be smaller than {end}",
+                )
+
+    # -- the WebUI surfaces ---------------------------------------------------------------------
+
+    @classmethod
+    def from_ui(cls, values: Sequence[Any], defaults: MonkeyArgs | None = None) -> MonkeyArgs:
+        """Parse component values in UI order; a shorter list keeps ``defaults`` for the rest."""
+        if len(values) > len(names()):
+            raise MonkeyArgsError("args", list(values), f"at most {len(names())} values in UI order")
+        return cls.from_dict(dict(zip(names(), values)), defaults)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], defaults: MonkeyArgs | None = None) -> MonkeyArgs:
+        """Parse named settings (the API's dict form); unknown names are an error."""
+        unknown = sorted(set(values) - set(names()))
+        if unknown:
+            raise MonkeyArgsError(unknown[0], values[unknown[0]], f"one of {', '.join(names())}")
+        return dataclasses.replace(defaults or cls(), **dict(values))
+
+    @classmethod
+    def from_script_args(
+        cls, args: Sequence[Any], defaults: MonkeyArgs | None = None
+    ) -> MonkeyArgs:
+        """The script's slice of ``p.script_args``: UI values in order, or a dict of named settings
+        first (the API's ``{"args": [{...}]}``), whose later entries are the UI's defaults."""
+        if args and isinstance(args[0], Mapping):
+            return cls.from_dict(args[0], defaults)
+        if args and isinstance(args[0], MonkeyArgs):
+            return args[0]
+        return cls.from_ui(args, defaults)
+
+    def to_infotext(self) -> dict[str, str]:
+        """Every setting under its ``MONKEY ...`` label, as strings the paste parser reads back."""
+        return {spec(name).label: _format(getattr(self, name)) for name in names()}
+
+    @classmethod
+    def from_infotext(
+        cls, params: Mapping[str, Any], defaults: MonkeyArgs | None = None
+    ) -> MonkeyArgs | None:
+        """Rebuild the settings from parsed infotext; None when it carries no MONKEY setting."""
+        found = {name: params[spec(name).label] for name in names() if spec(name).label in params}
+        if not found:
+            return None
+        return cls.from_dict(found, defaults)
+
+    # -- per image ------------------------------------------------------------------------------
+
+    def threshold_for(self, image_index: int) -> Threshold:
+        """The threshold of the image at ``image_index`` in the whole generation."""
+        if 0 <= image_index < len(self.thresholds):
+            return self.thresholds[image_index]
+        return self.threshold
+
+
+def names() -> tuple[str, ...]:
+    """Field names in UI order."""
+    return _NAMES
+
+
+def spec(name: str) -> Spec:
+    return _SPECS[name]
+
+
+def labels() -> dict[str, str]:
+    """Field name -> infotext label."""
+    return {name: spec(name).label for name in names()}
+
+
+def parse_field(name: str, value: Any) -> Any:
+    """Parse one value for ``name`` (used by paste-back of single fields and by XYZ axes)."""
+    try:
+        return spec(name).parse(value)
+    except _Reject:
+        raise MonkeyArgsError(name, value, spec(name).allowed) from None
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(_format(item) for item in value) if value else "default"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _fields() -> Iterable[dataclasses.Field]:
+    return dataclasses.fields(MonkeyArgs)
+
+
+_SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in _fields()}
+_NAMES: tuple[str, ...] = tuple(_SPECS)

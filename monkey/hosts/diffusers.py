@@ -1,0 +1,153 @@
+"""MONKEY on a diffusers ``UNet2DConditionModel`` with IP-Adapter weights loaded by diffusers.
+
+Every IP-Adapter attention processor is wrapped; diffusers' own processor still computes the
+attention. Recording reads the query and the IP keys the processor itself produced (forward
+hooks on ``attn.to_q`` and ``to_k_ip``); masking goes through the processor's own
+``ip_adapter_masks`` path with a mask already at the layer's grid, so its resampling is the
+identity and per-row masks reach the right rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..attention import split_heads
+from ..hooks import AttrPatch, HookSet, TorchHook
+from ..masks import layer_size
+from ..session import IPAction, MonkeySession
+
+try:  # the processor classes are only needed to recognise IP-Adapter layers
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+    IP_PROCESSORS: tuple[type, ...] = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+except ImportError:  # pragma: no cover - diffusers is optional for the WebUI extension
+    IP_PROCESSORS = ()
+
+
+def ip_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Attention modules (by diffusers path) whose processor is an IP-Adapter processor."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(getattr(module, "processor", None), IP_PROCESSORS)
+    }
+
+
+def diffusers_mask_grid(n_tokens: int, hw: tuple[int, int]) -> tuple[int, int]:
+    """The grid on which ``IPAdapterMaskProcessor.downsample`` reads a mask of shape ``hw``.
+
+    diffusers infers the layer grid from the mask's aspect ratio and gets some shapes wrong
+    (a 7×18 layer becomes 6×21); a mask laid out on the grid it settles on passes through its
+    resampling unchanged and flattens back to the layer's sequence order.
+    """
+    h, w = hw
+    for _ in range(8):
+        ratio = w / h
+        mh = int(math.sqrt(n_tokens / ratio))
+        mh = mh + int(n_tokens % mh != 0)
+        mw = n_tokens // mh
+        if (mh, mw) == (h, w):
+            return h, w
+        h, w = mh, mw
+    raise ValueError(f"no stable diffusers mask grid for {n_tokens} positions")
+
+
+class MonkeyIPAdapterProcessor(torch.nn.Module):
+    """Wraps one diffusers IP-Adapter processor; the wrapped one stays a child module so that
+    ``.to()`` and state dicts still reach its weights while wrapped."""
+
+    def __init__(self, inner: torch.nn.Module, name: str, session: MonkeySession, source_adapter: int):
+        super().__init__()
+        self.inner = inner
+        self.name = name
+        self.source_adapter = source_adapter
+        object.__setattr__(self, "session", session)
+        object.__setattr__(self, "captured", {})
+        self.armed = False
+
+    def capture(self, key: str):
+        def hook(_module, _inputs, output):
+            if self.armed:
+                self.captured[key] = output
+
+        return hook
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        scale: float = 1.0,
+        ip_adapter_masks=None,
+    ) -> torch.Tensor:
+        session = self.session
+        if session.active and ip_adapter_masks is None and isinstance(encoder_hidden_states, tuple):
+            action = session.ip_action()
+            if action is not IPAction.PLAIN:
+                ip_adapter_masks = self._masks(hidden_states, encoder_hidden_states[1], action)
+        self.armed = session.active and session.wants_record(self.name)
+        try:
+            out = self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale, ip_adapter_masks
+            )
+            if self.armed and {"q", "k"} <= self.captured.keys():
+                heads = attn.heads
+                session.observe(self.name, split_heads(self.captured["q"], heads), self._key(heads))
+        finally:
+            self.armed = False
+            self.captured.clear()
+        return out
+
+    def _key(self, heads: int) -> torch.Tensor:
+        key = self.captured["k"]  # [R, images, T, C]: diffusers concatenates the images' tokens
+        return split_heads(key.reshape(key.shape[0], -1, key.shape[-1]), heads)
+
+    def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor], action: IPAction):
+        rows = hidden_states.shape[0]
+        n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
+        if action is IPAction.OFF:
+            weights = torch.zeros(rows, n_tokens, 1, device=hidden_states.device)
+        else:
+            weights = self.session.weights(n_tokens, hidden_states.device)
+        hw = layer_size(n_tokens, self.session.rows.current.latent_hw)
+        grid = weights.reshape(rows, 1, *diffusers_mask_grid(n_tokens, hw))
+        return [grid.expand(rows, state.shape[1], *grid.shape[-2:]) for state in ip_states]
+
+
+class DiffusersMonkey:
+    """The hooks of one MONKEY session on a diffusers UNet.
+
+    The caller drives the step clock (``session.begin_step``) from its sampling loop and checks
+    ``session.should_stop()`` there to end pass 1 early.
+    """
+
+    def __init__(self, unet: torch.nn.Module, session: MonkeySession, source_adapter: int = 0):
+        self.unet = unet
+        self.session = session
+        self.hooks = HookSet()
+        self.hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)))
+        for name, attn in ip_attention_modules(unet).items():
+            layer = f"{name}"
+            patch = AttrPatch(
+                attn, "processor",
+                lambda inner, layer=layer: MonkeyIPAdapterProcessor(inner, layer, session, source_adapter),
+                setter=attn.set_processor,
+            )
+            self.hooks.add(patch)
+            if layer in session.source_layers:
+                self.hooks.add(TorchHook(lambda a=attn, p=patch: a.to_q.register_forward_hook(p.wrapper.capture("q"))))
+                self.hooks.add(
+                    TorchHook(
+                        lambda p=patch: p.wrapper.inner.to_k_ip[source_adapter].register_forward_hook(
+                            p.wrapper.capture("k")
+                        )
+                    )
+                )
+
+    def _on_unet_call(self, _module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.session.begin_unet_call(sample.shape[0], tuple(sample.shape[-2:]))

@@ -1,0 +1,201 @@
+"""Attention maps to subject masks, and masks to every layer's resolution. Pure tensor math.
+
+Maps are flattened over a layer's (h, w) grid in row-major order, as attention sequences are.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+FLAT_EPS = 1e-12
+"""A map whose max - min is below this carries no spatial information."""
+
+OTSU_BINS = 256
+
+
+class MaskStatus(str, Enum):
+    OK = "ok"
+    FULL = "full"
+    """Every pixel passed the threshold: pass 2 is plain IP-Adapter for this image."""
+    EMPTY = "empty"
+    """No pixel passed the threshold; fallback: a full mask (plain IP-Adapter), never a lost subject."""
+    NO_SIGNAL = "no-signal"
+    """No recorded step had a finite, non-flat map; fallback: a full mask (plain IP-Adapter)."""
+
+
+def layer_size(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a UNet layer with ``n_tokens`` query positions for a latent of ``latent_hw``.
+
+    UNet layers work at the latent size halved k times, rounding up (stride-2 convs with padding
+    1); this finds k from the sequence length exactly, also for odd and non-square latents, where
+    ``sqrt(n / (h*w))`` scaling misses by one.
+    """
+    h, w = latent_hw
+    if h < 1 or w < 1:
+        raise ValueError(f"latent size must be positive, got {latent_hw}")
+    while True:
+        if h * w == n_tokens:
+            return h, w
+        if h * w < n_tokens or (h == 1 and w == 1):
+            raise ValueError(f"{n_tokens} query positions fit no UNet level of a {latent_hw} latent")
+        h, w = (h + 1) // 2, (w + 1) // 2
+
+
+def minmax_normalize(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-map min-max normalisation over the last dimension.
+
+    maps ``[..., N]`` -> (normalised ``[..., N]`` float32 in [0, 1], valid ``[...]`` bool).
+    A map with a NaN/inf or with max - min below ``FLAT_EPS`` is invalid and comes back as zeros.
+    """
+    maps = maps.float()
+    finite = torch.isfinite(maps).all(dim=-1)
+    safe = torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
+    lo = safe.amin(dim=-1, keepdim=True)
+    hi = safe.amax(dim=-1, keepdim=True)
+    span = hi - lo
+    valid = finite & (span.squeeze(-1) > FLAT_EPS)
+    norm = (safe - lo) / span.clamp_min(FLAT_EPS)
+    norm = torch.where(valid.unsqueeze(-1), norm.clamp(0.0, 1.0), torch.zeros_like(norm))
+    return norm, valid
+
+
+def otsu(values: torch.Tensor, bins: int = OTSU_BINS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Otsu's threshold of maps in [0, 1].
+
+    values ``[..., N]`` -> (threshold ``[...]``, between-class variance ``[...]``). The threshold
+    is the lower edge of the first foreground bin, so ``values >= threshold`` is Otsu's split.
+    """
+    flat = values.float().reshape(-1, values.shape[-1])
+    index = (flat.clamp(0.0, 1.0) * bins).long().clamp_max(bins - 1)
+    hist = torch.zeros(flat.shape[0], bins, dtype=torch.float64, device=flat.device)
+    hist.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+    prob = hist / flat.shape[-1]
+    centres = (torch.arange(bins, dtype=torch.float64, device=flat.device) + 0.5) / bins
+    w0 = prob.cumsum(dim=1)[:, :-1]  # background = bins [0, k]
+    mu0_sum = (prob * centres).cumsum(dim=1)[:, :-1]
+    mu_total = (prob * centres).sum(dim=1, keepdim=True)
+    w1 = 1.0 - w0
+    between = (mu_total * w0 - mu0_sum) ** 2 / (w0 * w1).clamp_min(1e-18)
+    between = torch.where((w0 > 0) & (w1 > 0), between, torch.zeros_like(between))
+    best = between.argmax(dim=1)
+    threshold = (best + 1).double() / bins
+    shape = values.shape[:-1]
+    return threshold.float().reshape(shape), between.gather(1, best[:, None]).float().reshape(shape)
+
+
+def union_of_steps(
+    norm: torch.Tensor, valid: torch.Tensor, threshold: float | torch.Tensor
+) -> torch.Tensor:
+    """The paper's mask: pixels at or above the threshold in any valid recorded step.
+
+    norm ``[S, N]`` normalised maps, valid ``[S]``, threshold a float or ``[S]``. Returns ``[N]``
+    bool. A higher threshold never adds pixels.
+    """
+    if norm.ndim != 2 or valid.shape != norm.shape[:1]:
+        raise ValueError(f"expected norm [S, N] and valid [S], got {tuple(norm.shape)}, {tuple(valid.shape)}")
+    tau = torch.as_tensor(threshold, dtype=norm.dtype, device=norm.device).reshape(-1, 1)
+    passed = (norm >= tau) & valid[:, None]
+    return passed.any(dim=0)
+
+
+def best_token(norm: torch.Tensor, valid: torch.Tensor) -> int:
+    """For ``token=auto``: the token whose step-averaged map splits best (largest Otsu variance).
+
+    norm ``[S, T, N]``, valid ``[S, T]``.
+    """
+    weight = valid.float().unsqueeze(-1)
+    mean = (norm * weight).sum(dim=0) / weight.sum(dim=0).clamp_min(1.0)  # [T, N]
+    _, separation = otsu(minmax_normalize(mean)[0])
+    return int(separation.argmax())
+
+
+def image_mask(
+    norm: torch.Tensor, valid: torch.Tensor, threshold: float | str
+) -> tuple[torch.Tensor, MaskStatus, float | None]:
+    """One image's binary mask from its normalised step maps ``[S, N]``.
+
+    ``threshold`` is a float or ``"auto"`` (Otsu per step). Returns (mask ``[N]`` bool, status,
+    the mean threshold used or None). Never empty: without a usable step or pixel it is full.
+    """
+    if not bool(valid.any()):
+        return torch.ones(norm.shape[-1], dtype=torch.bool, device=norm.device), MaskStatus.NO_SIGNAL, None
+    if threshold == "auto":
+        tau = otsu(norm)[0]
+        used = float(tau[valid].mean())
+    else:
+        tau = float(threshold)
+        used = tau
+    mask = union_of_steps(norm, valid, tau)
+    if not bool(mask.any()):  # a threshold above 1: nothing to keep, so keep everything
+        return torch.ones_like(mask), MaskStatus.EMPTY, used
+    status = MaskStatus.FULL if bool(mask.all()) else MaskStatus.OK
+    return mask, status, used
+
+
+def resize(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``[B, h, w]`` masks to ``size``: nearest-exact where a side grows, area where it
+    shrinks, so a binary mask stays binary when enlarged and zero stays exactly zero."""
+    if masks.ndim != 3:
+        raise ValueError(f"expected masks [B, h, w], got {tuple(masks.shape)}")
+    h, w = masks.shape[-2:]
+    out = masks.float().unsqueeze(1)
+    grown = (max(h, size[0]), max(w, size[1]))
+    if grown != (h, w):
+        out = F.interpolate(out, size=grown, mode="nearest-exact")
+    if grown != tuple(size):
+        out = F.adaptive_avg_pool2d(out, size)
+    return out.squeeze(1)
+
+
+def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Grow ``[B, H, W]`` masks by a disk of ``radius`` cells."""
+    if radius <= 0:
+        return masks
+    yy, xx = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
+    disk = ((yy**2 + xx**2) <= radius**2).float().to(masks.device)
+    hits = F.conv2d(masks.float().unsqueeze(1), disk[None, None], padding=radius)
+    return (hits.squeeze(1) > 0.5).to(masks.dtype)
+
+
+def feather(masks: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian-soften ``[B, H, W]`` masks (sigma in cells); values stay in [0, 1]."""
+    if sigma <= 0:
+        return masks.float()
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=masks.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = masks.float().unsqueeze(1)
+    out = F.pad(out, (radius, radius, 0, 0), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return out.squeeze(1).clamp(0.0, 1.0)
+
+
+def ip_weights(masks: torch.Tensor, outside_weight: float) -> torch.Tensor:
+    """Per-position IP weight ``M + w_out·(1 − M)`` for masks in [0, 1]; same shape."""
+    masks = masks.float()
+    if outside_weight == 0.0:
+        return masks
+    return masks + outside_weight * (1.0 - masks)
+
+
+def row_weights(weights: torch.Tensor, row_images: torch.Tensor) -> torch.Tensor:
+    """Gather per-image weights ``[B_img, N]`` for the rows of one UNet call -> ``[R, N, 1]``."""
+    if weights.ndim != 2:
+        raise ValueError(f"expected weights [B_img, N], got {tuple(weights.shape)}")
+    if row_images.numel() and int(row_images.max()) >= weights.shape[0]:
+        raise IndexError(f"row image index {int(row_images.max())} but only {weights.shape[0]} masks")
+    return weights.index_select(0, row_images.to(weights.device)).unsqueeze(-1)
+
+
+def apply(out_ip: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out_ip ← out_ip · W`` with ``out_ip [R, N, C]`` and ``W [R, N, 1]``."""
+    if out_ip.ndim != 3 or weights.shape != (*out_ip.shape[:2], 1):
+        raise ValueError(f"IP output {tuple(out_ip.shape)} and weights {tuple(weights.shape)} do not match")
+    return out_ip * weights.to(device=out_ip.device, dtype=out_ip.dtype)

@@ -1,0 +1,92 @@
+"""A batch's subject masks: built once from pass 1's maps, served per layer in pass 2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import masks as M
+from .args import AUTO, MonkeyArgs
+from .recorder import RecordedMaps
+
+PX_PER_LATENT = 8
+"""Image pixels per latent cell for the SD VAEs; dilate/feather are given in image pixels."""
+
+
+@dataclass
+class MaskSet:
+    binary: torch.Tensor
+    """``[B_img, h, w]`` bool on the recording grid."""
+    statuses: list[M.MaskStatus]
+    thresholds: list[float | None]
+    """Threshold used per image (Otsu's mean for ``auto``), None where there was no signal."""
+    tokens: list[int | None]
+    dilate_px: int = 0
+    feather_px: int = 0
+    outside_weight: float = 0.0
+    _latent: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _layer: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_images(self) -> int:
+        return self.binary.shape[0]
+
+    def latent_masks(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """``[B_img, H, W]`` float masks at a latent size, dilated and feathered there."""
+        if latent_hw not in self._latent:
+            out = M.resize(self.binary.float(), latent_hw)
+            out = M.dilate(out, round(self.dilate_px / PX_PER_LATENT))
+            out = M.feather(out, self.feather_px / (2 * PX_PER_LATENT))
+            self._latent[latent_hw] = out
+        return self._latent[latent_hw]
+
+    def weights(self, n_tokens: int, latent_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """``[B_img, N]`` IP weights ``M + w_out·(1 − M)`` for a layer of ``n_tokens`` positions."""
+        key = (n_tokens, latent_hw, str(device))
+        if key not in self._layer:
+            hw = M.layer_size(n_tokens, latent_hw)
+            layer = M.resize(self.latent_masks(latent_hw), hw).reshape(self.n_images, -1)
+            self._layer[key] = M.ip_weights(layer, self.outside_weight).to(device)
+        return self._layer[key]
+
+    @classmethod
+    def full(cls, n_images: int, hw: tuple[int, int] = (1, 1)) -> MaskSet:
+        """Masks that keep IP-Adapter everywhere (pass 2 equals plain IP-Adapter)."""
+        return cls(
+            binary=torch.ones(n_images, *hw, dtype=torch.bool),
+            statuses=[M.MaskStatus.FULL] * n_images,
+            thresholds=[None] * n_images,
+            tokens=[None] * n_images,
+        )
+
+
+def build(recorded: RecordedMaps, args: MonkeyArgs, image_offset: int = 0) -> MaskSet:
+    """Per image: min-max normalise each step's map, pick the token (``auto``), threshold each
+    step (per-image threshold or Otsu), and take the union over steps."""
+    maps = recorded.maps.float()
+    n_images, n_steps = maps.shape[:2]
+    all_tokens = args.token == AUTO
+    hw = maps.shape[-2:]
+    flat = maps.reshape(n_images, n_steps, *(maps.shape[2:3] if all_tokens else ()), -1)
+    binary, statuses, thresholds, tokens = [], [], [], []
+    for image in range(n_images):
+        norm, valid = M.minmax_normalize(flat[image])
+        token = args.token
+        if all_tokens:
+            token = M.best_token(norm, valid)
+            norm, valid = norm[:, token], valid[:, token]
+        mask, status, used = M.image_mask(norm, valid, args.threshold_for(image_offset + image))
+        binary.append(mask.reshape(hw))
+        statuses.append(status)
+        thresholds.append(used)
+        tokens.append(int(token) if status is not M.MaskStatus.NO_SIGNAL else None)
+    return MaskSet(
+        binary=torch.stack(binary),
+        statuses=statuses,
+        thresholds=thresholds,
+        tokens=tokens,
+        dilate_px=args.dilate,
+        feather_px=args.feather,
+        outside_weight=args.outside_weight,
+    )

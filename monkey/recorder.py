@@ -1,0 +1,100 @@
+"""Records only what the mask needs: one head-averaged IP-token map per image, layer and step.
+
+Memory is O(H·W) per recorded layer-step and image (O(T·H·W) for ``token=auto``); the
+``[B, heads, N, T]`` probabilities live only inside one ``observe`` call, for cond rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import token_maps
+from .masks import layer_size
+from .rows import Rows
+
+
+@dataclass(frozen=True)
+class RecordedMaps:
+    maps: torch.Tensor
+    """``[B_img, S, h, w]`` (or ``[B_img, S, T, h, w]`` for all tokens) float32; NaN where an
+    image had no cond row at a step."""
+    steps: tuple[int, ...]
+    latent_hw: tuple[int, int]
+
+
+class MapRecorder:
+    def __init__(self, layers: tuple[str, ...], token: int | None, n_images: int):
+        if not layers:
+            raise ValueError("the recorder needs at least one source layer")
+        self.layers = frozenset(layers)
+        self.token = token
+        self.n_images = n_images
+        self._sums: dict[tuple[int, str], torch.Tensor] = {}
+        self._counts: dict[tuple[int, str], torch.Tensor] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._latent_hw: tuple[int, int] | None = None
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self._sums)
+
+    def steps(self) -> tuple[int, ...]:
+        return tuple(sorted({step for step, _ in self._sums}))
+
+    def observe(self, step: int, layer: str, query: torch.Tensor, ip_key: torch.Tensor, rows: Rows) -> None:
+        """query ``[R, heads, N, d]``, ip_key ``[R, heads, T, d]`` of one UNet call's rows."""
+        if layer not in self.layers:
+            return
+        if query.shape[0] != rows.images.numel():
+            raise ValueError(f"query has {query.shape[0]} rows, the row map {rows.images.numel()}")
+        cond = rows.cond.nonzero().squeeze(1)
+        if cond.numel() == 0:
+            return
+        device = query.device
+        cond_dev = cond.to(device)
+        with torch.no_grad():
+            maps = token_maps(query.index_select(0, cond_dev), ip_key.index_select(0, cond_dev), self.token)
+        self._sizes[layer] = layer_size(query.shape[2], rows.latent_hw)
+        self._latent_hw = rows.latent_hw
+        key = (step, layer)
+        if key not in self._sums:
+            self._sums[key] = torch.zeros((self.n_images, *maps.shape[1:]), dtype=torch.float32, device=device)
+            self._counts[key] = torch.zeros(self.n_images, dtype=torch.float32, device=device)
+        images = rows.images.index_select(0, cond).to(device)
+        self._sums[key].index_add_(0, images, maps)
+        self._counts[key].index_add_(0, images, torch.ones_like(images, dtype=torch.float32))
+
+    def result(self) -> RecordedMaps:
+        """Maps per image and step, layers averaged on the finest recorded layer grid."""
+        if not self.has_data:
+            raise RuntimeError("nothing was recorded")
+        size = max(self._sizes.values(), key=lambda hw: hw[0] * hw[1])
+        per_step = []
+        for step in self.steps():
+            total, weight = None, None
+            for layer in sorted(self.layers):
+                if (step, layer) not in self._sums:
+                    continue
+                counts = self._counts[(step, layer)].cpu()
+                mean = self._sums[(step, layer)].cpu() / counts.clamp_min(1.0).view(-1, *[1] * (self._sums[(step, layer)].ndim - 1))
+                grid = self._to_grid(mean, self._sizes[layer], size)
+                seen = (counts > 0).float().view(-1, *[1] * (grid.ndim - 1))
+                total = grid * seen if total is None else total + grid * seen
+                weight = seen if weight is None else weight + seen
+            averaged = total / weight.clamp_min(1.0)
+            averaged = torch.where(weight > 0, averaged, torch.full_like(averaged, float("nan")))
+            per_step.append(averaged)
+        return RecordedMaps(torch.stack(per_step, dim=1), self.steps(), self._latent_hw)
+
+    @staticmethod
+    def _to_grid(maps: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """``[B, (T,) N]`` flat maps -> ``[B, (T,) h, w]`` on the ``size`` grid (bilinear)."""
+        grid = maps.reshape(*maps.shape[:-1], *hw)
+        if hw == size:
+            return grid
+        lead = grid.shape[:-2]
+        flat = grid.reshape(-1, 1, *hw)
+        return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)

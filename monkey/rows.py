@@ -1,0 +1,85 @@
+"""Which image each row of a UNet call belongs to, and whether it is a cond or an uncond row.
+
+Samplers stack a batch's images into UNet rows in a fixed order per denoiser call, possibly
+split over several UNet calls. The WebUI (``CFGDenoiser``) puts cond rows first (image i repeated
+once per AND sub-prompt), then uncond rows (plus one more uncond block for edit models), and may
+call the UNet once per chunk; diffusers pipelines put the uncond half first. Counting rows from
+the start of each denoiser call recovers the mapping for every one of these layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    cond_images: tuple[int, ...]
+    """Image index of each cond row, in order."""
+    n_images: int
+    cond_first: bool = True
+    cfg: bool = True
+    """Whether uncond rows follow (or precede) the cond rows."""
+
+    @classmethod
+    def webui(cls, repeats: Sequence[int]) -> RowLayout:
+        """Cond rows (image i ``repeats[i]`` times, for AND prompts), then uncond rows."""
+        if not repeats or min(repeats) < 1:
+            raise ValueError(f"every image needs at least one cond row, got repeats={list(repeats)}")
+        cond = tuple(i for i, n in enumerate(repeats) for _ in range(n))
+        return cls(cond, len(repeats), cond_first=True)
+
+    @classmethod
+    def diffusers(cls, n_images: int, cfg: bool) -> RowLayout:
+        """diffusers pipelines: ``cat([uncond, cond])`` under classifier-free guidance."""
+        return cls(tuple(range(n_images)), n_images, cond_first=False, cfg=cfg)
+
+    def row(self, index: int) -> tuple[int, bool]:
+        """(image, is_cond) of row ``index`` counted from the start of a denoiser call."""
+        n_cond = len(self.cond_images)
+        if not self.cfg:
+            return self.cond_images[index % n_cond], True
+        if self.cond_first:
+            if index < n_cond:
+                return self.cond_images[index], True
+            return (index - n_cond) % self.n_images, False
+        if index < self.n_images:
+            return index, False
+        return self.cond_images[(index - self.n_images) % n_cond], True
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one UNet call."""
+
+    images: torch.Tensor
+    """``[R]`` long: image index (within the batch) of each row."""
+    cond: torch.Tensor
+    """``[R]`` bool: cond rows."""
+    latent_hw: tuple[int, int]
+
+
+class RowTracker:
+    """Counts rows across the UNet calls of one denoiser call."""
+
+    def __init__(self, layout: RowLayout):
+        self.layout = layout
+        self.offset = 0
+        self.current: Rows | None = None
+
+    def new_denoiser_call(self) -> None:
+        self.offset = 0
+        self.current = None
+
+    def unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
+        pairs = [self.layout.row(self.offset + i) for i in range(n_rows)]
+        self.offset += n_rows
+        self.current = Rows(
+            images=torch.tensor([image for image, _ in pairs], dtype=torch.long),
+            cond=torch.tensor([cond for _, cond in pairs], dtype=torch.bool),
+            latent_hw=(int(latent_hw[0]), int(latent_hw[1])),
+        )
+        return self.current

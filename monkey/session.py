@@ -1,0 +1,137 @@
+"""One batch's MONKEY state: which pass runs, which step it is at, and what each layer should do.
+
+Hosts feed it the step clock (``begin_step``) and each UNet call's rows (``begin_unet_call``);
+their per-layer wrappers ask it what to do (``ip_action``, ``wants_record``) and hand it tensors
+(``observe``, ``weights``). It never touches a host object.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from . import maskset
+from .args import AUTO, MonkeyArgs
+from .masks import row_weights
+from .maskset import MaskSet
+from .recorder import MapRecorder
+from .rows import RowLayout, Rows, RowTracker
+
+
+class Phase(str, Enum):
+    IDLE = "idle"
+    RECORD = "record"
+    APPLY = "apply"
+
+
+class IPAction(str, Enum):
+    PLAIN = "plain"
+    """Leave the IP-Adapter output as the host computed it."""
+    MASKED = "masked"
+    """Multiply the IP-Adapter output by the image's mask."""
+    OFF = "off"
+    """No IP-Adapter contribution at this step."""
+
+
+def in_window(step: int, total: int, start: float, end: float) -> bool:
+    """Step ``step`` of ``total`` lies in ``[start, end)`` as a fraction of the schedule."""
+    return total > 0 and start <= step / total < end
+
+
+class MonkeySession:
+    def __init__(
+        self,
+        args: MonkeyArgs,
+        source_layers: tuple[str, ...],
+        layout: RowLayout,
+        *,
+        image_offset: int = 0,
+    ):
+        self.args = args
+        self.source_layers = frozenset(source_layers)
+        self.layout = layout
+        self.image_offset = image_offset
+        self.rows = RowTracker(layout)
+        token = None if args.token == AUTO else int(args.token)
+        self.recorder = MapRecorder(tuple(source_layers), token, layout.n_images)
+        self.masks: MaskSet | None = None
+        self.phase = Phase.IDLE
+        self.step = 0
+        self.total = 0
+        self._weights: dict[tuple, torch.Tensor] = {}
+
+    # -- clock ----------------------------------------------------------------------------------
+
+    def begin(self, phase: Phase) -> None:
+        if phase is Phase.APPLY and self.masks is None:
+            raise RuntimeError("pass 2 needs masks; call build_masks() first")
+        self.phase = phase
+        self.step, self.total = 0, 0
+        self.rows.new_denoiser_call()
+
+    def end(self) -> None:
+        self.phase = Phase.IDLE
+
+    @property
+    def active(self) -> bool:
+        return self.phase is not Phase.IDLE
+
+    def begin_step(self, step: int, total: int) -> None:
+        """A new denoiser call at ``step`` of ``total`` (rows are counted from here)."""
+        self.step, self.total = step, total
+        self.rows.new_denoiser_call()
+
+    def begin_unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
+        self._weights.clear()
+        return self.rows.unet_call(n_rows, latent_hw)
+
+    def should_stop(self) -> bool:
+        """Pass 1 has recorded and passed its window: the host may end it here."""
+        return (
+            self.phase is Phase.RECORD
+            and self.recorder.has_data
+            and self.total > 0
+            and self.step / self.total >= self.args.record_end
+        )
+
+    # -- per layer ------------------------------------------------------------------------------
+
+    def wants_record(self, layer: str) -> bool:
+        return (
+            self.phase is Phase.RECORD
+            and layer in self.source_layers
+            and in_window(self.step, self.total, self.args.record_start, self.args.record_end)
+        )
+
+    def observe(self, layer: str, query: torch.Tensor, ip_key: torch.Tensor) -> None:
+        """query ``[R, heads, N, d]`` and ip_key ``[R, heads, T, d]`` of the current UNet call."""
+        if self.wants_record(layer) and self.rows.current is not None:
+            self.recorder.observe(self.step, layer, query, ip_key, self.rows.current)
+
+    def ip_action(self) -> IPAction:
+        if self.phase is not Phase.APPLY:
+            return IPAction.PLAIN
+        if in_window(self.step, self.total, self.args.apply_start, self.args.apply_end):
+            return IPAction.MASKED
+        return IPAction.OFF if self.args.ip_off_outside else IPAction.PLAIN
+
+    def weights(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        """``[R, N, 1]`` IP weights for the rows of the current UNet call at a layer of N positions."""
+        rows = self.rows.current
+        if self.masks is None or rows is None:
+            raise RuntimeError("no masks or no UNet call in progress")
+        key = (n_tokens, str(device))
+        if key not in self._weights:
+            per_image = self.masks.weights(n_tokens, rows.latent_hw, device)
+            self._weights[key] = row_weights(per_image, rows.images)
+        return self._weights[key]
+
+    # -- between the passes ---------------------------------------------------------------------
+
+    def build_masks(self) -> MaskSet:
+        if self.recorder.has_data:
+            self.masks = maskset.build(self.recorder.result(), self.args, self.image_offset)
+        else:
+            self.masks = MaskSet.full(self.layout.n_images)
+        return self.masks

@@ -1,0 +1,66 @@
+"""The two passes, independent of any host.
+
+The host supplies a sampling callable (which it may end early when ``session.should_stop()``),
+a way to reset the noise to what pass 1 started from, and its hooks; this module sequences them
+and guarantees the hooks are gone and the session idle however a pass ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .hooks import HookSet
+from .maskset import MaskSet
+from .session import MonkeySession, Phase
+
+T = TypeVar("T")
+
+
+@dataclass
+class TwoPassResult(Generic[T]):
+    samples: T
+    """Pass 2's samples, or pass 1's when pass 2 did not run."""
+    first: T | None
+    masks: MaskSet | None
+    skipped_reason: str | None = None
+    """Why pass 2 did not run, if it did not."""
+
+    @property
+    def masked(self) -> bool:
+        return self.skipped_reason is None
+
+
+def run_two_pass(
+    session: MonkeySession,
+    sample: Callable[[Phase], T],
+    *,
+    reset_noise: Callable[[], None],
+    hooks: HookSet | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> TwoPassResult[T]:
+    hooks = hooks or HookSet()
+    with hooks:
+        try:
+            session.begin(Phase.RECORD)
+            first = sample(Phase.RECORD)
+        finally:
+            session.end()
+        if cancelled():
+            return TwoPassResult(first, first, None, "interrupted after pass 1")
+        if not session.recorder.has_data:
+            # pass 1 ran to the end (it only stops early after recording), so it is a full image
+            return TwoPassResult(
+                first, first, None,
+                "no IP-Adapter attention was recorded in the record window "
+                "(is the unit's start/end or weight excluding it?)",
+            )
+        masks = session.build_masks()
+        reset_noise()
+        try:
+            session.begin(Phase.APPLY)
+            second = sample(Phase.APPLY)
+        finally:
+            session.end()
+    return TwoPassResult(second, first, masks)
