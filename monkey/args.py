@@ -12,17 +12,17 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 AUTO = "auto"
 INFOTEXT_PREFIX = "MONKEY"
 VERSION_LABEL = f"{INFOTEXT_PREFIX} version"
 STATUS_LABEL = f"{INFOTEXT_PREFIX} status"
 
-Threshold = Union[float, str]
+Threshold = float | str
 """A binarisation threshold in [0, 1], or ``"auto"`` for Otsu's threshold of that image's map."""
 
-Token = Union[int, str]
+Token = int | str
 """An IP image-token index, or ``"auto"`` for the token whose map separates best."""
 
 
@@ -47,10 +47,12 @@ class Spec(NamedTuple):
 
 
 def _spec(default: Any, label: str, parse: Parser, allowed: str, help: str) -> Any:
-    return field(default=default, metadata={"spec": Spec(f"{INFOTEXT_PREFIX} {label}", parse, allowed, help)})
+    return field(
+        default=default, metadata={"spec": Spec(f"{INFOTEXT_PREFIX} {label}", parse, allowed, help)}
+    )
 
 
-class _Reject(Exception):
+class _Reject(Exception):  # noqa: N818 - internal signal, never escapes
     pass
 
 
@@ -147,74 +149,118 @@ _UNIT = "a number from 0.0 to 1.0"
 @dataclass(frozen=True)
 class MonkeyArgs:
     enabled: bool = _spec(
-        False, "enabled", _as_bool, "true or false", "Run MONKEY's two passes on the IP-Adapter units."
+        False,
+        "enabled",
+        _as_bool,
+        "true or false",
+        "Run MONKEY's two passes on the IP-Adapter units.",
     )
     threshold: float = _spec(
-        0.5, "threshold", _float_in(0.0, 1.0), _UNIT,
+        0.5,
+        "threshold",
+        _float_in(0.0, 1.0),
+        _UNIT,
         "Pixels whose min-max normalised attention reaches this value are subject (paper: 0.5).",
     )
     thresholds: tuple[Threshold, ...] = _spec(
-        (), "per-image thresholds", _thresholds,
+        (),
+        "per-image thresholds",
+        _thresholds,
         "a comma-separated list of numbers from 0.0 to 1.0 or 'auto'",
         "One threshold per image of the generation, in order; 'auto' uses Otsu's threshold on "
         "that image's map. Images past the end of the list use the threshold above.",
     )
     layers: tuple[str, ...] = _spec(
-        (), "layer", _layers,
+        (),
+        "layer",
+        _layers,
         "'default' or comma-separated module paths such as output_blocks.4.1.transformer_blocks.0.attn2",
         "Cross-attention layer(s) whose IP attention builds the mask; several are averaged. "
         "'default' is the paper's layer (SD1.x) or its SDXL equivalent.",
     )
     token: Token = _spec(
-        1, "token", _token, f"an integer from 0 to {MAX_TOKEN}, or 'auto'",
+        1,
+        "token",
+        _token,
+        f"an integer from 0 to {MAX_TOKEN}, or 'auto'",
         "IP image token whose attention is the mask (paper: 1); 'auto' picks, per image, the token "
         "whose map splits into foreground and background most clearly.",
     )
     record_start: float = _spec(
-        0.25, "record start", _float_in(0.0, 1.0), _UNIT,
+        0.25,
+        "record start",
+        _float_in(0.0, 1.0),
+        _UNIT,
         "Start of the pass-1 steps that are recorded, as a fraction of the schedule.",
     )
     record_end: float = _spec(
-        0.75, "record end", _float_in(0.0, 1.0), _UNIT,
+        0.75,
+        "record end",
+        _float_in(0.0, 1.0),
+        _UNIT,
         "End (exclusive) of the recorded pass-1 steps; pass 1 stops right after them.",
     )
     apply_start: float = _spec(
-        0.25, "apply start", _float_in(0.0, 1.0), _UNIT,
+        0.25,
+        "apply start",
+        _float_in(0.0, 1.0),
+        _UNIT,
         "Start of the pass-2 steps where the mask is applied, as a fraction of the schedule.",
     )
     apply_end: float = _spec(
         0.75, "apply end", _float_in(0.0, 1.0), _UNIT, "End (exclusive) of the masked pass-2 steps."
     )
     ip_off_outside: bool = _spec(
-        True, "IP off outside window", _as_bool, "true or false",
+        True,
+        "IP off outside window",
+        _as_bool,
+        "true or false",
         "Switch IP-Adapter off outside the apply window, as the reference code does; off keeps "
         "plain IP-Adapter there.",
     )
     outside_weight: float = _spec(
-        0.0, "outside weight", _float_in(0.0, 1.0), _UNIT,
+        0.0,
+        "outside weight",
+        _float_in(0.0, 1.0),
+        _UNIT,
         "IP-Adapter weight kept outside the mask (paper: 0).",
     )
     dilate: int = _spec(
-        0, "dilate", _int_in(0, 256), "an integer from 0 to 256 (pixels)",
+        0,
+        "dilate",
+        _int_in(0, 256),
+        "an integer from 0 to 256 (pixels)",
         "Grow the mask by this many image pixels.",
     )
     feather: int = _spec(
-        0, "feather", _int_in(0, 256), "an integer from 0 to 256 (pixels)",
+        0,
+        "feather",
+        _int_in(0, 256),
+        "an integer from 0 to 256 (pixels)",
         "Soften the mask edge over about this many image pixels.",
     )
     source_unit: int = _spec(
-        0, "source unit", _int_in(0, 63), "an integer from 0 to 63",
+        0,
+        "source unit",
+        _int_in(0, 63),
+        "an integer from 0 to 63",
         "Which enabled IP-Adapter unit (0 = first) records the mask; every unit is masked.",
     )
     preview: bool = _spec(
         True, "preview", _as_bool, "true or false", "Show each image's mask after the images."
     )
     preview_pass1: bool = _spec(
-        False, "preview pass 1", _as_bool, "true or false",
+        False,
+        "preview pass 1",
+        _as_bool,
+        "true or false",
         "Also show the pass-1 image (its state at the last recorded step).",
     )
     save_masks: bool = _spec(
-        False, "save masks", _as_bool, "true or false",
+        False,
+        "save masks",
+        _as_bool,
+        "true or false",
         "Save each mask next to its image with a -monkey-mask suffix.",
     )
 
@@ -239,7 +285,9 @@ class MonkeyArgs:
     def from_ui(cls, values: Sequence[Any], defaults: MonkeyArgs | None = None) -> MonkeyArgs:
         """Parse component values in UI order; a shorter list keeps ``defaults`` for the rest."""
         if len(values) > len(names()):
-            raise MonkeyArgsError("args", list(values), f"at most {len(names())} values in UI order")
+            raise MonkeyArgsError(
+                "args", list(values), f"at most {len(names())} values in UI order"
+            )
         return cls.from_dict(dict(zip(names(), values)), defaults)
 
     @classmethod

@@ -50,5 +50,7 @@ def token_maps(query: torch.Tensor, ip_key: torch.Tensor, token: int | None) -> 
     if token is None:
         return probs.mean(dim=1).transpose(1, 2).contiguous()
     if not 0 <= token < tokens:
-        raise ValueError(f"IP token {token} does not exist; this IP-Adapter has tokens 0..{tokens - 1}")
+        raise ValueError(
+            f"IP token {token} does not exist; this IP-Adapter has tokens 0..{tokens - 1}"
+        )
     return probs[..., token].mean(dim=1)

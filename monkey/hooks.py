@@ -60,7 +60,11 @@ class AttrPatch:
             return
         self.installed = False
         if getattr(self.owner, self.name, None) is not self.wrapper:
-            logger.warning("MONKEY: %s.%s was replaced by someone else; leaving it", type(self.owner).__name__, self.name)
+            logger.warning(
+                "MONKEY: %s.%s was replaced by someone else; leaving it",
+                type(self.owner).__name__,
+                self.name,
+            )
             return
         if self.setter is None and self._own is _MISSING:
             delattr(self.owner, self.name)

@@ -48,7 +48,9 @@ class ModelFamily:
         for layer in self.layers:
             if key in (layer.ldm, layer.diffusers):
                 return layer
-        raise KeyError(f"{name!r} is not an attn2 layer of {self.name}; known: {self.layers[0].ldm} ...")
+        raise KeyError(
+            f"{name!r} is not an attn2 layer of {self.name}; known: {self.layers[0].ldm} ..."
+        )
 
     def names(self) -> tuple[str, ...]:
         return tuple(layer.ldm for layer in self.layers)
@@ -126,7 +128,10 @@ def family_for(layer_names: set[str] | list[str]) -> ModelFamily | None:
     """The family whose attn2 layers are exactly ``layer_names`` (ldm or diffusers paths)."""
     found = {name.removesuffix(".processor") for name in layer_names}
     for family in FAMILIES:
-        if found in ({layer.ldm for layer in family.layers}, {layer.diffusers for layer in family.layers}):
+        if found in (
+            {layer.ldm for layer in family.layers},
+            {layer.diffusers for layer in family.layers},
+        ):
             return family
     return None
 
@@ -147,7 +152,11 @@ def source_layers(requested: tuple[str, ...], available: list[str]) -> tuple[str
             resolved.append(name)
             continue
         layer = family.layer(name) if family else None
-        twin = next((n for n in (layer.ldm, layer.diffusers) if n in available), None) if layer else None
+        twin = (
+            next((n for n in (layer.ldm, layer.diffusers) if n in available), None)
+            if layer
+            else None
+        )
         if twin is None:
             raise KeyError(f"mask layer {name!r} is not an IP-Adapter layer of this model")
         resolved.append(twin)

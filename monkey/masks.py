@@ -41,7 +41,9 @@ def layer_size(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
         if h * w == n_tokens:
             return h, w
         if h * w < n_tokens or (h == 1 and w == 1):
-            raise ValueError(f"{n_tokens} query positions fit no UNet level of a {latent_hw} latent")
+            raise ValueError(
+                f"{n_tokens} query positions fit no UNet level of a {latent_hw} latent"
+            )
         h, w = (h + 1) // 2, (w + 1) // 2
 
 
@@ -96,7 +98,9 @@ def union_of_steps(
     bool. A higher threshold never adds pixels.
     """
     if norm.ndim != 2 or valid.shape != norm.shape[:1]:
-        raise ValueError(f"expected norm [S, N] and valid [S], got {tuple(norm.shape)}, {tuple(valid.shape)}")
+        raise ValueError(
+            f"expected norm [S, N] and valid [S], got {tuple(norm.shape)}, {tuple(valid.shape)}"
+        )
     tau = torch.as_tensor(threshold, dtype=norm.dtype, device=norm.device).reshape(-1, 1)
     passed = (norm >= tau) & valid[:, None]
     return passed.any(dim=0)
@@ -122,7 +126,11 @@ def image_mask(
     the mean threshold used or None). Never empty: without a usable step or pixel it is full.
     """
     if not bool(valid.any()):
-        return torch.ones(norm.shape[-1], dtype=torch.bool, device=norm.device), MaskStatus.NO_SIGNAL, None
+        return (
+            torch.ones(norm.shape[-1], dtype=torch.bool, device=norm.device),
+            MaskStatus.NO_SIGNAL,
+            None,
+        )
     if threshold == "auto":
         tau = otsu(norm)[0]
         used = float(tau[valid].mean())
@@ -155,7 +163,9 @@ def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
     """Grow ``[B, H, W]`` masks by a disk of ``radius`` cells."""
     if radius <= 0:
         return masks
-    yy, xx = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij"
+    )
     disk = ((yy**2 + xx**2) <= radius**2).float().to(masks.device)
     hits = F.conv2d(masks.float().unsqueeze(1), disk[None, None], padding=radius)
     return (hits.squeeze(1) > 0.5).to(masks.dtype)
@@ -190,12 +200,16 @@ def row_weights(weights: torch.Tensor, row_images: torch.Tensor) -> torch.Tensor
     if weights.ndim != 2:
         raise ValueError(f"expected weights [B_img, N], got {tuple(weights.shape)}")
     if row_images.numel() and int(row_images.max()) >= weights.shape[0]:
-        raise IndexError(f"row image index {int(row_images.max())} but only {weights.shape[0]} masks")
+        raise IndexError(
+            f"row image index {int(row_images.max())} but only {weights.shape[0]} masks"
+        )
     return weights.index_select(0, row_images.to(weights.device)).unsqueeze(-1)
 
 
 def apply(out_ip: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``out_ip ← out_ip · W`` with ``out_ip [R, N, C]`` and ``W [R, N, 1]``."""
     if out_ip.ndim != 3 or weights.shape != (*out_ip.shape[:2], 1):
-        raise ValueError(f"IP output {tuple(out_ip.shape)} and weights {tuple(weights.shape)} do not match")
+        raise ValueError(
+            f"IP output {tuple(out_ip.shape)} and weights {tuple(weights.shape)} do not match"
+        )
     return out_ip * weights.to(device=out_ip.device, dtype=out_ip.dtype)

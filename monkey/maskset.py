@@ -41,7 +41,9 @@ class MaskSet:
             self._latent[latent_hw] = out
         return self._latent[latent_hw]
 
-    def weights(self, n_tokens: int, latent_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def weights(
+        self, n_tokens: int, latent_hw: tuple[int, int], device: torch.device
+    ) -> torch.Tensor:
         """``[B_img, N]`` IP weights ``M + w_out·(1 − M)`` for a layer of ``n_tokens`` positions."""
         key = (n_tokens, latent_hw, str(device))
         if key not in self._layer:

@@ -44,7 +44,9 @@ class MapRecorder:
     def steps(self) -> tuple[int, ...]:
         return tuple(sorted({step for step, _ in self._sums}))
 
-    def observe(self, step: int, layer: str, query: torch.Tensor, ip_key: torch.Tensor, rows: Rows) -> None:
+    def observe(
+        self, step: int, layer: str, query: torch.Tensor, ip_key: torch.Tensor, rows: Rows
+    ) -> None:
         """query ``[R, heads, N, d]``, ip_key ``[R, heads, T, d]`` of one UNet call's rows."""
         if layer not in self.layers:
             return
@@ -56,12 +58,16 @@ class MapRecorder:
         device = query.device
         cond_dev = cond.to(device)
         with torch.no_grad():
-            maps = token_maps(query.index_select(0, cond_dev), ip_key.index_select(0, cond_dev), self.token)
+            maps = token_maps(
+                query.index_select(0, cond_dev), ip_key.index_select(0, cond_dev), self.token
+            )
         self._sizes[layer] = layer_size(query.shape[2], rows.latent_hw)
         self._latent_hw = rows.latent_hw
         key = (step, layer)
         if key not in self._sums:
-            self._sums[key] = torch.zeros((self.n_images, *maps.shape[1:]), dtype=torch.float32, device=device)
+            self._sums[key] = torch.zeros(
+                (self.n_images, *maps.shape[1:]), dtype=torch.float32, device=device
+            )
             self._counts[key] = torch.zeros(self.n_images, dtype=torch.float32, device=device)
         images = rows.images.index_select(0, cond).to(device)
         self._sums[key].index_add_(0, images, maps)
@@ -79,7 +85,9 @@ class MapRecorder:
                 if (step, layer) not in self._sums:
                     continue
                 counts = self._counts[(step, layer)].cpu()
-                mean = self._sums[(step, layer)].cpu() / counts.clamp_min(1.0).view(-1, *[1] * (self._sums[(step, layer)].ndim - 1))
+                mean = self._sums[(step, layer)].cpu() / counts.clamp_min(1.0).view(
+                    -1, *[1] * (self._sums[(step, layer)].ndim - 1)
+                )
                 grid = self._to_grid(mean, self._sizes[layer], size)
                 seen = (counts > 0).float().view(-1, *[1] * (grid.ndim - 1))
                 total = grid * seen if total is None else total + grid * seen
@@ -97,4 +105,6 @@ class MapRecorder:
             return grid
         lead = grid.shape[:-2]
         flat = grid.reshape(-1, 1, *hw)
-        return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
+        return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(
+            *lead, *size
+        )

@@ -28,7 +28,9 @@ class RowLayout:
     def webui(cls, repeats: Sequence[int]) -> RowLayout:
         """Cond rows (image i ``repeats[i]`` times, for AND prompts), then uncond rows."""
         if not repeats or min(repeats) < 1:
-            raise ValueError(f"every image needs at least one cond row, got repeats={list(repeats)}")
+            raise ValueError(
+                f"every image needs at least one cond row, got repeats={list(repeats)}"
+            )
         cond = tuple(i for i, n in enumerate(repeats) for _ in range(n))
         return cls(cond, len(repeats), cond_first=True)
 

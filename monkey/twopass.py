@@ -52,7 +52,9 @@ def run_two_pass(
         if not session.recorder.has_data:
             # pass 1 ran to the end (it only stops early after recording), so it is a full image
             return TwoPassResult(
-                first, first, None,
+                first,
+                first,
+                None,
                 "no IP-Adapter attention was recorded in the record window "
                 "(is the unit's start/end or weight excluding it?)",
             )

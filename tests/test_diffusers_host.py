@@ -69,7 +69,11 @@ def test_wraps_every_ip_layer_and_nothing_else(unet):
     assert all(name.endswith("attn2") for name in names)
     session = session_for(MonkeyArgs())
     with DiffusersMonkey(unet, session).hooks:
-        wrapped = {n for n, m in unet.named_modules() if isinstance(getattr(m, "processor", None), MonkeyIPAdapterProcessor)}
+        wrapped = {
+            n
+            for n, m in unet.named_modules()
+            if isinstance(getattr(m, "processor", None), MonkeyIPAdapterProcessor)
+        }
         assert wrapped == names
     assert not any(isinstance(p, MonkeyIPAdapterProcessor) for p in unet.attn_processors.values())
 
@@ -107,7 +111,9 @@ def test_recording_leaves_the_output_bit_identical(unet, inputs):
     assert torch.equal(plain, recorded)
 
 
-def applied(unet, inputs, masks: MaskSet, args: MonkeyArgs | None = None, step=(1, 4)) -> torch.Tensor:
+def applied(
+    unet, inputs, masks: MaskSet, args: MonkeyArgs | None = None, step=(1, 4)
+) -> torch.Tensor:
     session = session_for(args or MonkeyArgs())
     session.masks = masks
     session.begin(Phase.APPLY)
@@ -141,13 +147,17 @@ def test_ip_off_outside_apply_window_equals_ip_scale_zero(unet, inputs):
         set_ip_scale(unet, 1.0)
     out = applied(unet, inputs, masks_of(torch.ones(2, 8, 8)), step=(0, 4))
     assert torch.equal(out, no_ip)
-    kept = applied(unet, inputs, masks_of(torch.ones(2, 8, 8)), MonkeyArgs(ip_off_outside=False), step=(0, 4))
+    kept = applied(
+        unet, inputs, masks_of(torch.ones(2, 8, 8)), MonkeyArgs(ip_off_outside=False), step=(0, 4)
+    )
     assert torch.equal(kept, inputs(unet))
 
 
 def layer_output(unet, layer: str, run) -> torch.Tensor:
     captured = {}
-    handle = unet.get_submodule(layer).register_forward_hook(lambda _m, _i, out: captured.setdefault("out", out))
+    handle = unet.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: captured.setdefault("out", out)
+    )
     try:
         run()
     finally:
@@ -218,4 +228,6 @@ def test_wrapped_processors_keep_their_weights_reachable(unet):
 
 def test_tokens_are_ip_adapter_tokens(unet):
     assert TOKENS == 4
-    assert all(p.num_tokens == [TOKENS] for p in ip_attention_modules(unet).values() for p in [p.processor])
+    assert all(
+        p.num_tokens == [TOKENS] for p in ip_attention_modules(unet).values() for p in [p.processor]
+    )

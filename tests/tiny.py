@@ -69,7 +69,13 @@ def with_ip_adapter(unet: UNet2DConditionModel, seed: int = 0) -> UNet2DConditio
 class Inputs:
     """One UNet call's inputs: ``rows`` = 2·images under CFG (diffusers puts uncond first)."""
 
-    def __init__(self, unet: UNet2DConditionModel, images: int = 2, hw: tuple[int, int] = (16, 16), seed: int = 1):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        images: int = 2,
+        hw: tuple[int, int] = (16, 16),
+        seed: int = 1,
+    ):
         gen = torch.Generator().manual_seed(seed)
         cross = unet.config.cross_attention_dim
         rows = 2 * images
@@ -78,7 +84,9 @@ class Inputs:
         self.image_embeds = [torch.randn(rows, 1, CLIP_DIM, generator=gen)]
         self.timestep = torch.tensor(500)
 
-    def __call__(self, unet: UNet2DConditionModel, sample: torch.Tensor | None = None, t=None) -> torch.Tensor:
+    def __call__(
+        self, unet: UNet2DConditionModel, sample: torch.Tensor | None = None, t=None
+    ) -> torch.Tensor:
         with torch.no_grad():
             return unet(
                 self.sample if sample is None else sample,

@@ -19,7 +19,10 @@ from ..masks import layer_size
 from ..session import IPAction, MonkeySession
 
 try:  # the processor classes are only needed to recognise IP-Adapter layers
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        IPAdapterAttnProcessor,
+        IPAdapterAttnProcessor2_0,
+    )
 
     IP_PROCESSORS: tuple[type, ...] = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 except ImportError:  # pragma: no cover - diffusers is optional for the WebUI extension
@@ -58,7 +61,9 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
     """Wraps one diffusers IP-Adapter processor; the wrapped one stays a child module so that
     ``.to()`` and state dicts still reach its weights while wrapped."""
 
-    def __init__(self, inner: torch.nn.Module, name: str, session: MonkeySession, source_adapter: int):
+    def __init__(
+        self, inner: torch.nn.Module, name: str, session: MonkeySession, source_adapter: int
+    ):
         super().__init__()
         self.inner = inner
         self.name = name
@@ -92,7 +97,13 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         self.armed = session.active and session.wants_record(self.name)
         try:
             out = self.inner(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale, ip_adapter_masks
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                temb,
+                scale,
+                ip_adapter_masks,
             )
             if self.armed and {"q", "k"} <= self.captured.keys():
                 heads = attn.heads
@@ -108,7 +119,11 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
 
     def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor], action: IPAction):
         rows = hidden_states.shape[0]
-        n_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
+        n_tokens = (
+            hidden_states.shape[1]
+            if hidden_states.ndim == 3
+            else math.prod(hidden_states.shape[2:])
+        )
         if action is IPAction.OFF:
             weights = torch.zeros(rows, n_tokens, 1, device=hidden_states.device)
         else:
@@ -129,22 +144,31 @@ class DiffusersMonkey:
         self.unet = unet
         self.session = session
         self.hooks = HookSet()
-        self.hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)))
+        self.hooks.add(
+            TorchHook(lambda: unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+        )
         for name, attn in ip_attention_modules(unet).items():
             layer = f"{name}"
             patch = AttrPatch(
-                attn, "processor",
-                lambda inner, layer=layer: MonkeyIPAdapterProcessor(inner, layer, session, source_adapter),
+                attn,
+                "processor",
+                lambda inner, layer=layer: MonkeyIPAdapterProcessor(
+                    inner, layer, session, source_adapter
+                ),
                 setter=attn.set_processor,
             )
             self.hooks.add(patch)
             if layer in session.source_layers:
-                self.hooks.add(TorchHook(lambda a=attn, p=patch: a.to_q.register_forward_hook(p.wrapper.capture("q"))))
                 self.hooks.add(
                     TorchHook(
-                        lambda p=patch: p.wrapper.inner.to_k_ip[source_adapter].register_forward_hook(
-                            p.wrapper.capture("k")
-                        )
+                        lambda a=attn, p=patch: a.to_q.register_forward_hook(p.wrapper.capture("q"))
+                    )
+                )
+                self.hooks.add(
+                    TorchHook(
+                        lambda p=patch: p.wrapper.inner.to_k_ip[
+                            source_adapter
+                        ].register_forward_hook(p.wrapper.capture("k"))
                     )
                 )
 

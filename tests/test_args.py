@@ -1,0 +1,182 @@
+"""The settings model: one table drives UI order, API parsing, infotext and paste-back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from monkey import args as A
+from monkey.args import AUTO, MonkeyArgs, MonkeyArgsError
+
+unit = st.floats(0.0, 1.0, allow_nan=False)
+threshold = st.one_of(unit, st.just(AUTO))
+ident = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
+part = st.one_of(ident, st.integers(0, 11).map(str))
+layer_name = st.builds(
+    lambda head, rest: ".".join([head, *rest]), ident, st.lists(part, max_size=4)
+)
+window = st.tuples(unit, unit).filter(lambda w: w[0] < w[1])
+
+
+@st.composite
+def monkey_args(draw) -> MonkeyArgs:
+    record, apply = draw(window), draw(window)
+    return MonkeyArgs(
+        enabled=draw(st.booleans()),
+        threshold=draw(unit),
+        thresholds=tuple(draw(st.lists(threshold, max_size=5))),
+        layers=tuple(draw(st.lists(layer_name, max_size=3))),
+        token=draw(st.one_of(st.integers(0, A.MAX_TOKEN), st.just(AUTO))),
+        record_start=record[0],
+        record_end=record[1],
+        apply_start=apply[0],
+        apply_end=apply[1],
+        ip_off_outside=draw(st.booleans()),
+        outside_weight=draw(unit),
+        dilate=draw(st.integers(0, 256)),
+        feather=draw(st.integers(0, 256)),
+        source_unit=draw(st.integers(0, 63)),
+        preview=draw(st.booleans()),
+        preview_pass1=draw(st.booleans()),
+        save_masks=draw(st.booleans()),
+    )
+
+
+def test_table_covers_every_field_once_with_prefixed_unique_labels():
+    fields = [f.name for f in dataclasses.fields(MonkeyArgs)]
+    assert list(A.names()) == fields
+    label_list = list(A.labels().values())
+    assert len(set(label_list)) == len(label_list)
+    assert all(label.startswith("MONKEY ") for label in label_list)
+    assert A.VERSION_LABEL not in label_list
+
+
+NOT_DEFAULT = MonkeyArgs(
+    enabled=True,
+    threshold=0.3,
+    thresholds=(0.25, AUTO),
+    layers=("up_blocks.1.x", "mid.y"),
+    token=AUTO,
+    record_start=0.1,
+    record_end=0.6,
+    apply_start=0.0,
+    apply_end=1.0,
+    ip_off_outside=False,
+    outside_weight=0.2,
+    dilate=16,
+    feather=4,
+    source_unit=1,
+    preview=False,
+    preview_pass1=True,
+    save_masks=True,
+)
+
+
+def test_every_field_round_trips_from_a_non_default_value():
+    defaults = MonkeyArgs()
+    assert all(getattr(NOT_DEFAULT, n) != getattr(defaults, n) for n in A.names())
+    assert MonkeyArgs.from_infotext(NOT_DEFAULT.to_infotext()) == NOT_DEFAULT
+    assert MonkeyArgs.from_ui([getattr(NOT_DEFAULT, n) for n in A.names()]) == NOT_DEFAULT
+
+
+@given(monkey_args())
+def test_infotext_round_trip_restores_every_field(settings):
+    text = settings.to_infotext()
+    assert set(text) == set(A.labels().values())
+    assert all(isinstance(v, str) for v in text.values())
+    assert MonkeyArgs.from_infotext(text) == settings
+
+
+@given(monkey_args())
+def test_ui_list_and_api_dict_give_the_same_settings(settings):
+    values = [getattr(settings, name) for name in A.names()]
+    assert MonkeyArgs.from_ui(values) == settings
+    assert MonkeyArgs.from_dict(dataclasses.asdict(settings)) == settings
+    assert MonkeyArgs.from_script_args([dataclasses.asdict(settings), *values[1:]]) == settings
+
+
+def test_partial_ui_list_keeps_defaults_for_the_rest():
+    defaults = MonkeyArgs(threshold=0.3, preview=False)
+    parsed = MonkeyArgs.from_ui([True, 0.6], defaults)
+    assert parsed == dataclasses.replace(defaults, enabled=True, threshold=0.6)
+
+
+def test_api_dict_on_top_of_ui_defaults():
+    parsed = MonkeyArgs.from_script_args([{"enabled": True, "thresholds": [0.2, "auto"]}, 0.5])
+    assert parsed.enabled and parsed.thresholds == (0.2, AUTO)
+
+
+def test_infotext_without_monkey_keys_is_none():
+    assert MonkeyArgs.from_infotext({"Steps": "20", "Seed": "1"}) is None
+
+
+def test_text_values_from_infotext_and_gradio_are_coerced():
+    parsed = MonkeyArgs.from_infotext(
+        {
+            "MONKEY enabled": "True",
+            "MONKEY threshold": "0.4",
+            "MONKEY token": "auto",
+            "MONKEY dilate": "8",
+        }
+    )
+    assert parsed == MonkeyArgs(enabled=True, threshold=0.4, token=AUTO, dilate=8)
+    assert MonkeyArgs(dilate=8.0).dilate == 8  # gradio sliders hand over floats
+    assert MonkeyArgs(layers="default").layers == ()
+    assert MonkeyArgs(thresholds="").thresholds == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("threshold", 1.5, "0.0 to 1.0"),
+        ("threshold", "high", "0.0 to 1.0"),
+        ("threshold", True, "0.0 to 1.0"),
+        ("threshold", float("nan"), "0.0 to 1.0"),
+        ("enabled", "yes", "true or false"),
+        ("enabled", 1, "true or false"),
+        ("token", -1, "'auto'"),
+        ("token", 1.5, "'auto'"),
+        ("dilate", 300, "0 to 256"),
+        ("thresholds", "0.2, 2", "'auto'"),
+        ("thresholds", 0.5, "'auto'"),
+        ("layers", "up_blocks.1;rm", "module paths"),
+        ("source_unit", None, "0 to 63"),
+    ],
+    ids=lambda v: str(v)[:12],
+)
+def test_bad_values_name_field_value_and_range(name, value, allowed):
+    with pytest.raises(MonkeyArgsError) as caught:
+        MonkeyArgs.from_dict({name: value})
+    message = str(caught.value)
+    assert f"'{name}'" in message
+    assert repr(value) in message
+    assert allowed in message
+    assert caught.value.field == name
+
+
+def test_windows_must_not_be_empty():
+    with pytest.raises(MonkeyArgsError, match="record_start must be smaller than record_end"):
+        MonkeyArgs(record_start=0.5, record_end=0.5)
+    with pytest.raises(MonkeyArgsError, match="apply_start must be smaller"):
+        MonkeyArgs.from_dict({"apply_start": 0.9, "apply_end": 0.1})
+
+
+def test_unknown_api_names_and_overlong_lists_are_errors():
+    with pytest.raises(MonkeyArgsError, match="'treshold'"):
+        MonkeyArgs.from_dict({"treshold": 0.5})
+    with pytest.raises(MonkeyArgsError, match="at most"):
+        MonkeyArgs.from_ui([False] * (len(A.names()) + 1))
+
+
+def test_per_image_thresholds_pick_by_image_index():
+    settings = MonkeyArgs(threshold=0.5, thresholds=(0.2, AUTO))
+    assert [settings.threshold_for(i) for i in range(4)] == [0.2, AUTO, 0.5, 0.5]
+
+
+def test_parse_field_for_single_values():
+    assert A.parse_field("threshold", "0.25") == 0.25
+    with pytest.raises(MonkeyArgsError):
+        A.parse_field("token", "first")
