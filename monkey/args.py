@@ -106,12 +106,14 @@ _EMPTY_WORDS = ("", "default", "none")
 
 def _split(value: Any) -> list[Any]:
     if isinstance(value, str):
-        if value.strip().lower() in _EMPTY_WORDS:
-            return []
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise _Reject
+        items = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise _Reject
+    if len(items) == 1 and isinstance(items[0], str) and items[0].lower() in _EMPTY_WORDS:
+        return []
+    return items
 
 
 def _threshold(value: Any) -> Threshold:

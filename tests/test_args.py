@@ -125,6 +125,7 @@ def test_text_values_from_infotext_and_gradio_are_coerced():
     assert parsed == MonkeyArgs(enabled=True, threshold=0.4, token=AUTO, dilate=8)
     assert MonkeyArgs(dilate=8.0).dilate == 8  # gradio sliders hand over floats
     assert MonkeyArgs(layers="default").layers == ()
+    assert MonkeyArgs(layers=["default"]).layers == ()
     assert MonkeyArgs(thresholds="").thresholds == ()
 
 
