@@ -7,3 +7,37 @@ settings.register_profile("default", deadline=None, max_examples=60, derandomize
 settings.load_profile("default")
 # `pytest --hypothesis-profile=explore` searches wider with fresh random examples.
 settings.register_profile("explore", deadline=None, max_examples=500)
+
+
+# -- the WebUI fixture ----------------------------------------------------------------------------
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def webui(monkeypatch):
+    """Fake ``modules.*`` (and gradio) of A1111 v1.10.1 in ``sys.modules``, the extension's script
+    loaded from ``scripts/`` as the WebUI loads it; everything is undone after the test."""
+    from fake_webui import WebUI, make_modules
+
+    errors, saved = [], []
+    modules = make_modules(errors, saved)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location(
+        "sd_webui_monkey.py", ROOT / "scripts" / "sd_webui_monkey.py"
+    )
+    script_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script_module)
+    handle = WebUI(modules, errors, saved)
+    handle.script_module = script_module
+    yield handle
+    from monkey.hosts import a1111
+
+    a1111.unload()

@@ -1,0 +1,393 @@
+"""MONKEY in AUTOMATIC1111's WebUI 1.10 on sd-webui-controlnet's IP-Adapter units.
+
+Per batch, ``process_batch`` wraps the *current* ``p.sample`` (ControlNet's ``process_sample``,
+which marks cond/uncond prompts) with a wrapper that removes itself when the batch's sampling
+ends. The wrapper runs pass 1 with hires fix off and IP-Adapter attention recorded, stops it
+right after the last recorded step, rebuilds ``p.rng`` exactly as ``process_images_inner`` built
+it, and runs pass 2 with every IP-Adapter output multiplied by its image's mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import layers as layer_tables
+from ..args import STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
+from ..hooks import AttrPatch, CallbackHook, HookSet, TorchHook
+from ..masks import MaskStatus
+from ..maskset import MaskSet
+from ..rows import RowLayout
+from ..session import MonkeySession, Phase
+from ..twopass import run_two_pass
+from ..version import __version__
+from . import controlnet
+from .a1111_images import mask_image, samples_to_images
+
+logger = logging.getLogger("monkey")
+
+RUN_ATTR = "_monkey_run"
+XYZ_ATTR = "_monkey_xyz"
+"""Settings forced per XYZ-plot cell: ``{field: value}`` on the processing object."""
+
+LIVE_HOOKS: weakref.WeakSet[HookSet] = weakref.WeakSet()
+"""Hooks of batches still sampling; removed on script unload if a reload interrupts one."""
+
+
+def opts_defaults() -> MonkeyArgs:
+    """Defaults from Settings → MONKEY."""
+    from modules import shared
+
+    data = shared.opts.data
+    return MonkeyArgs(
+        threshold=data.get("monkey_threshold", MonkeyArgs.threshold),
+        preview=data.get("monkey_preview", MonkeyArgs.preview),
+        save_masks=data.get("monkey_save_masks", MonkeyArgs.save_masks),
+    )
+
+
+@dataclass
+class BatchOutcome:
+    offset: int
+    n_images: int
+    masks: MaskSet | None
+    reason: str | None
+    first_images: list = field(default_factory=list)
+
+
+class MonkeyRun:
+    """One generation's MONKEY state, kept on ``p`` as ``p._monkey_run``."""
+
+    def __init__(self, settings: MonkeyArgs, error: MonkeyArgsError | None = None):
+        self.settings = settings
+        self.error = error
+        self.skip_reason: str | None = None
+        self.batches: list[BatchOutcome] = []
+        self.statuses: dict[int, str] = {}
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def skip(self, p: Any, reason: str) -> None:
+        """MONKEY does nothing for this generation; say so in the log, the UI and the infotext."""
+        self.skip_reason = reason
+        self.note(p, f"skipped: {reason}")
+
+    def note(self, p: Any, message: str) -> None:
+        logger.warning("MONKEY %s", message)
+        comment = getattr(p, "comment", None)
+        if callable(comment):
+            comment(f"MONKEY {message}")
+
+    def status_text(self, p: Any, index: int, all_seeds: list, **_: Any) -> str | None:
+        """Per-image infotext value; ``create_infotext`` calls it with its locals."""
+        if self.skip_reason:
+            return f"skipped: {self.skip_reason}"
+        if len(all_seeds) != len(getattr(p, "all_seeds", all_seeds)):  # per-batch infotext call
+            index += getattr(p, "iteration", 0) * getattr(p, "batch_size", 1)
+        return self.statuses.get(index)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def wrap_sample(self, p: Any) -> None:
+        """Wrap the current ``p.sample`` for this batch; the wrapper removes itself when done."""
+        holder: dict[str, AttrPatch] = {}
+
+        def make(original: Callable) -> Callable:
+            def monkey_sample(*args, **kwargs):
+                try:
+                    return self.sample_batch(p, original, args, kwargs)
+                finally:
+                    holder["patch"].remove()
+
+            return monkey_sample
+
+        holder["patch"] = AttrPatch(p, "sample", make)
+        holder["patch"].install()
+
+    def sample_batch(self, p: Any, original: Callable, args: tuple, kwargs: dict):
+        if self.error is not None:
+            raise self.error
+        if self.skip_reason:
+            return original(*args, **kwargs)
+        unet = p.sd_model.model.diffusion_model
+        hacks = controlnet.find_ip_hacks(unet)
+        if not hacks:
+            self.skip(
+                p, "no active IP-Adapter unit (enable a ControlNet unit with an ip-adapter model)"
+            )
+            return original(*args, **kwargs)
+        session, source = self._session(p, hacks, kwargs.get("conditioning"))
+        hooks = HookSet(controlnet.patches(hacks, session, source))
+        hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
+        hooks.add(_denoiser_callback(session))
+        LIVE_HOOKS.add(hooks)
+        try:
+            result = run_two_pass(
+                session,
+                lambda phase: self._pass(p, original, args, kwargs, phase),
+                reset_noise=lambda: reset_rng(p),
+                hooks=hooks,
+                cancelled=_cancelled,
+            )
+        finally:
+            LIVE_HOOKS.discard(hooks)
+        self._record(p, session, result)
+        return result.samples
+
+    def _session(self, p: Any, hacks: list[controlnet.IPHack], conditioning: Any):
+        adapters = controlnet.units(hacks)
+        index = self.settings.source_unit
+        if index >= len(adapters):
+            self.note(
+                p,
+                f"source unit {index} does not exist ({len(adapters)} IP-Adapter unit(s)); using unit 0",
+            )
+            index = 0
+        source = adapters[index] if adapters else None
+        available = sorted(
+            {hack.layer for hack in hacks if source is None or hack.adapter is source}
+        )
+        try:
+            layers = layer_tables.source_layers(self.settings.layers, available)
+        except KeyError as error:
+            raise MonkeyArgsError(
+                "layers", ", ".join(self.settings.layers) or "default", str(error)
+            ) from None
+        batch = getattr(conditioning, "batch", None)
+        repeats = [len(conds) for conds in batch] if batch else [1] * len(p.seeds)
+        offset = getattr(p, "iteration", 0) * p.batch_size
+        return MonkeySession(
+            self.settings, layers, RowLayout.webui(repeats), image_offset=offset
+        ), source
+
+    def _pass(self, p: Any, original: Callable, args: tuple, kwargs: dict, phase: Phase):
+        from modules import shared
+
+        state = shared.state
+        if phase is Phase.APPLY:
+            state.textinfo = "MONKEY pass 2 of 2: masked IP-Adapter"
+            return original(*args, **kwargs)
+        state.textinfo = "MONKEY pass 1 of 2: recording the subject mask"
+        _extend_progress(p, self.settings)
+        scoped = HookSet()
+        if getattr(p, "enable_hr", False) and getattr(p, "firstpass_image", None) is None:
+            scoped.add(AttrPatch(p, "enable_hr", lambda _: False))  # hires only in pass 2
+        with scoped:
+            samples = original(*args, **kwargs)
+        state.nextjob()
+        return samples
+
+    def _record(self, p: Any, session: MonkeySession, result) -> None:
+        n_images = session.layout.n_images
+        outcome = BatchOutcome(session.image_offset, n_images, result.masks, result.skipped_reason)
+        if result.masks is None:
+            self.note(
+                p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {result.skipped_reason}"
+            )
+        elif self.settings.preview_pass1 and result.first is not None:
+            outcome.first_images = samples_to_images(p, result.first)
+        for image in range(n_images):
+            self.statuses[session.image_offset + image] = _status(
+                result.masks, image, result.skipped_reason
+            )
+        self.batches.append(outcome)
+
+    # -- after the images -----------------------------------------------------------------------
+
+    def finish(self, p: Any, processed: Any) -> None:
+        """Append previews (masks, pass-1 images) after the images and save masks if asked."""
+        from modules import images as webui_images
+
+        previews, infotexts = [], []
+        first = getattr(processed, "index_of_first_image", 0)
+        for batch in self.batches:
+            for image in range(batch.n_images):
+                index = batch.offset + image
+                position = first + index
+                if batch.masks is None or position >= len(processed.images):
+                    continue
+                info = processed.infotexts[position] if position < len(processed.infotexts) else ""
+                mask = mask_image(batch.masks, image, processed.images[position].size)
+                if self.settings.preview:
+                    previews.append(mask)
+                    infotexts.append(info)
+                if self.settings.preview_pass1 and image < len(batch.first_images):
+                    previews.append(batch.first_images[image])
+                    infotexts.append(info)
+                if self.settings.save_masks and p.save_samples():
+                    webui_images.save_image(
+                        mask,
+                        p.outpath_samples,
+                        "",
+                        p.all_seeds[index],
+                        p.all_prompts[index],
+                        "png",
+                        info=info,
+                        p=p,
+                        suffix="-monkey-mask",
+                    )
+        processed.images.extend(previews)
+        processed.infotexts.extend(infotexts)
+
+
+def _status(masks: MaskSet | None, image: int, reason: str | None) -> str:
+    if masks is None:
+        return f"not masked: {reason}"
+    status = masks.statuses[image]
+    if status is MaskStatus.NO_SIGNAL:
+        return "no attention signal, kept plain IP-Adapter"
+    if status is MaskStatus.EMPTY:
+        return "empty mask, kept plain IP-Adapter"
+    coverage = float(masks.binary[image].float().mean())
+    threshold = masks.thresholds[image]
+    text = f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, token {masks.tokens[image]}"
+    return text if status is MaskStatus.OK else f"{text} (full mask)"
+
+
+# -- host glue ----------------------------------------------------------------------------------
+
+
+def _unet_call(session: MonkeySession) -> Callable:
+    def pre_hook(_module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            session.begin_unet_call(args[0].shape[0], tuple(args[0].shape[-2:]))
+
+    return pre_hook
+
+
+def _denoiser_callback(session: MonkeySession) -> CallbackHook:
+    from modules import script_callbacks, sd_samplers_common
+
+    def on_cfg_denoiser(params) -> None:
+        # the denoiser's own counter is what prompt editing uses; it also counts 2nd-order calls
+        denoiser = getattr(params, "denoiser", None)
+        step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
+        if step is None or not total:
+            step, total = params.sampling_step, params.total_sampling_steps
+        session.begin_step(int(step), int(total))
+        if session.should_stop():
+            raise sd_samplers_common.InterruptedException  # ends pass 1; launch_sampling catches it
+
+    return CallbackHook(
+        lambda: script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="monkey_step"),
+        lambda: script_callbacks.remove_callbacks_for_function(on_cfg_denoiser),
+    )
+
+
+def _cancelled() -> bool:
+    from modules import shared
+
+    return bool(shared.state.interrupted or shared.state.skipped)
+
+
+def _extend_progress(p: Any, settings: MonkeyArgs) -> None:
+    """Count pass 1 as one more job, so the progress bar covers both passes."""
+    from modules import shared
+
+    state = shared.state
+    if state.job_count > 0:
+        state.job_count += 1
+    tqdm = getattr(shared.total_tqdm, "_tqdm", None)
+    if tqdm is not None and tqdm.total:
+        steps = getattr(p, "steps", 0) or 0
+        shared.total_tqdm.updateTotal(tqdm.total + min(steps, int(settings.record_end * steps) + 1))
+
+
+def reset_rng(p: Any) -> None:
+    """Rebuild ``p.rng`` with the arguments ``process_images_inner`` uses, so pass 2 draws the
+    same initial and per-step noise as pass 1 (ImageRNG is stateful)."""
+    from modules import processing, rng, shared
+
+    channels = getattr(shared.sd_model, "latent_channels", processing.opt_C)
+    fresh = rng.ImageRNG(
+        (channels, p.height // processing.opt_f, p.width // processing.opt_f),
+        p.seeds,
+        subseeds=p.subseeds,
+        subseed_strength=p.subseed_strength,
+        seed_resize_from_h=p.seed_resize_from_h,
+        seed_resize_from_w=p.seed_resize_from_w,
+    )
+    current = getattr(p, "rng", None)
+    if current is not None and not isinstance(current, rng.ImageRNG) and hasattr(current, "rng"):
+        wrapper = copy.copy(current)  # e.g. ControlNet's HackedImageRNG around an ImageRNG
+        wrapper.rng = fresh
+        fresh = wrapper
+    p.rng = fresh
+
+
+# -- the Script's hooks -------------------------------------------------------------------------
+
+
+def _our_keys() -> list[str]:
+    return [*labels().values(), VERSION_LABEL, STATUS_LABEL]
+
+
+def start(p: Any, script_args: tuple) -> MonkeyRun | None:
+    """``Script.process``: parse the settings; when enabled, write them to the infotext."""
+    params = p.extra_generation_params
+    for key in _our_keys():  # XYZ cells share one dict: drop what an earlier cell wrote
+        params.pop(key, None)
+    error = None
+    try:
+        settings = MonkeyArgs.from_script_args(script_args, opts_defaults())
+        forced = getattr(p, XYZ_ATTR, None)
+        if forced:
+            settings = MonkeyArgs.from_dict(forced, settings)
+    except MonkeyArgsError as caught:
+        error, settings = caught, MonkeyArgs(enabled=True)
+    if not settings.enabled:
+        return None
+    run = MonkeyRun(settings, error)
+    setattr(p, RUN_ATTR, run)
+    if error is not None:
+        logger.error("MONKEY: %s", error)
+        return run
+    params.update(settings.to_infotext())
+    params[VERSION_LABEL] = __version__
+    params[STATUS_LABEL] = run.status_text
+    if _find_controlnet(p) is None:
+        run.skip(
+            p, "sd-webui-controlnet is not installed or not enabled; install it to use IP-Adapter"
+        )
+    elif getattr(p, "refiner_checkpoint", None) is not None:
+        run.skip(p, "the refiner swaps models inside sampling; turn the refiner off to use MONKEY")
+    return run
+
+
+def before_batch(p: Any) -> None:
+    """``Script.process_batch``."""
+    run = getattr(p, RUN_ATTR, None)
+    if run is not None:
+        run.wrap_sample(p)
+
+
+def finish(p: Any, processed: Any) -> None:
+    """``Script.postprocess``."""
+    run = getattr(p, RUN_ATTR, None)
+    if run is None:
+        return
+    try:
+        run.finish(p, processed)
+    finally:
+        delattr(p, RUN_ATTR)
+
+
+def unload() -> None:
+    """``on_script_unloaded``: nothing of ours may outlive the script."""
+    for hooks in list(LIVE_HOOKS):
+        hooks.remove()
+    LIVE_HOOKS.clear()
+
+
+def _find_controlnet(p: Any) -> Any:
+    runner = getattr(p, "scripts", None)
+    for script in getattr(runner, "alwayson_scripts", []) or []:
+        if script.title().lower() == "controlnet":
+            return script
+    return None

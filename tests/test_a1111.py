@@ -1,0 +1,528 @@
+"""The AlwaysOn script in a fake A1111 1.10.1 over real attention and ControlNet-shaped IP-Adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fake_controlnet import FakeIPAdapter, hacked_attn_forward
+from fake_webui import InterruptedException
+from webui_run import UNetCalls, generate, latents, make_p, monkey_values, with_fields
+
+from monkey import args as A
+from monkey.args import MonkeyArgs, MonkeyArgsError
+from monkey.hosts import a1111, controlnet
+from monkey.rows import RowLayout
+from monkey.session import MonkeySession, Phase
+
+ON = MonkeyArgs(enabled=True)
+SIZE = {"width": 128, "height": 128}  # 16×16 latent: the paper's layer works at 4×4
+# threshold 0 keeps every pixel; IP kept outside the window: pass 2 must equal plain IP-Adapter
+FULL = MonkeyArgs(enabled=True, threshold=0.0, ip_off_outside=False)
+
+
+def hacks_of(p) -> dict[str, list]:
+    unet = p.sd_model.model.diffusion_model
+    return {
+        name: list(m.ipadapter_hacks)
+        for name, m in unet.named_modules()
+        if getattr(m, "ipadapter_hacks", None)
+    }
+
+
+def assert_no_hooks(webui, p) -> None:
+    """Nothing of MONKEY's is left patched on the processing object, the UNet or the callbacks."""
+    unet = p.sd_model.model.diffusion_model
+    assert not any(cb.name == "monkey_step" for cb in webui.callbacks["callbacks_cfg_denoiser"])
+    assert not unet._forward_pre_hooks
+    for module in unet.modules():
+        for fn in getattr(module, "ipadapter_hacks", []):
+            assert not hasattr(fn, "__wrapped__"), "a MONKEY wrapper is still in ipadapter_hacks"
+    assert "sample" not in vars(p) or vars(p)["sample"].__name__ != "monkey_sample"
+    assert not a1111.LIVE_HOOKS
+
+
+def assert_clean(webui, p) -> None:
+    """... and the generation finished: its run state is gone too."""
+    assert_no_hooks(webui, p)
+    assert not hasattr(p, a1111.RUN_ATTR)
+
+
+# -- off, and the fallbacks -------------------------------------------------------------------------
+
+
+def test_off_is_bit_identical_to_not_installed(webui):
+    without = make_p(webui, monkey=False, **SIZE)
+    processed_without = generate(webui, without)
+    off = make_p(webui, MonkeyArgs(enabled=False), **SIZE)
+    processed_off = generate(webui, off)
+    assert torch.equal(latents(off), latents(without))
+    assert processed_off.infotexts == processed_without.infotexts
+    assert len(processed_off.images) == len(processed_without.images)
+    assert off.controlnet.process_sample_calls == 1
+    assert not webui.errors
+    assert_clean(webui, off)
+
+
+@pytest.mark.parametrize(
+    ("controlnet", "units", "reason"),
+    [
+        (False, None, "sd-webui-controlnet is not installed"),
+        (True, [], "no active IP-Adapter unit"),
+    ],
+    ids=["no-controlnet", "no-ip-adapter-unit"],
+)
+def test_nothing_to_mask_runs_untouched_and_says_why(webui, controlnet, units, reason):
+    plain = make_p(webui, monkey=False, controlnet=controlnet, units=units, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, ON, controlnet=controlnet, units=units, **SIZE)
+    processed = generate(webui, p)
+    assert torch.equal(latents(p), latents(plain))
+    assert any(reason in comment for comment in p.comments)
+    assert f'MONKEY status: "skipped: {reason}' in processed.infotexts[0]
+    assert len(processed.images) == 1  # no preview for a mask that was never made
+    assert not webui.errors
+    assert_clean(webui, p)
+
+
+def test_refiner_is_refused_with_a_message(webui):
+    p = make_p(webui, ON, **SIZE)
+    p.refiner_checkpoint = "refiner.safetensors"
+    processed = generate(webui, p)
+    assert "refiner" in processed.infotexts[0]
+    assert p.controlnet.process_sample_calls == 1
+
+
+# -- the two passes --------------------------------------------------------------------------------
+
+
+def test_two_passes_through_controlnets_sample_with_pass_one_stopped_early(webui):
+    p = make_p(webui, ON, steps=8, **SIZE)
+    calls = UNetCalls(p.sd_model.model.diffusion_model)
+    original_hacks = hacks_of(p)  # empty before ControlNet hooks
+    generate(webui, p)
+    calls.close()
+    assert not original_hacks
+    assert p.controlnet.process_sample_calls == 2  # both passes marked cond/uncond prompts
+    assert len(calls.sizes) == 6 + 8  # pass 1: steps 0..5 (records 2..5), pass 2: all 8
+    assert webui.state.textinfos == [
+        "MONKEY pass 1 of 2: recording the subject mask",
+        "MONKEY pass 2 of 2: masked IP-Adapter",
+    ]
+    assert not webui.errors
+    assert_clean(webui, p)
+
+
+def test_full_mask_reproduces_plain_ip_adapter_so_the_noise_was_rebuilt(webui):
+    plain = make_p(webui, monkey=False, batch_size=2, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, FULL, batch_size=2, **SIZE)
+    generate(webui, p)
+    assert (latents(p) - latents(plain)).abs().max() <= 1e-6
+
+
+def test_without_rebuilding_the_rng_pass_two_would_differ(webui, monkeypatch):
+    plain = make_p(webui, monkey=False, **SIZE)
+    generate(webui, plain)
+    monkeypatch.setattr(a1111, "reset_rng", lambda p: None)
+    p = make_p(webui, FULL, **SIZE)
+    generate(webui, p)
+    assert not torch.allclose(latents(p), latents(plain), atol=1e-3)
+
+
+def test_masked_result_differs_from_plain(webui):
+    plain = make_p(webui, monkey=False, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, ON, **SIZE)
+    generate(webui, p)
+    assert not torch.allclose(latents(p), latents(plain), atol=1e-3)
+
+
+def test_hires_fix_only_in_pass_two_with_the_mask_at_hires_size(webui):
+    p = make_p(webui, ON, enable_hr=True, hr_scale=2.0, steps=8, **SIZE)
+    calls = UNetCalls(p.sd_model.model.diffusion_model)
+    seen_hw = []
+    real_weights = MonkeySession.weights
+
+    def spy(self, n_tokens, device):
+        seen_hw.append(self.rows.current.latent_hw)
+        return real_weights(self, n_tokens, device)
+
+    MonkeySession.weights = spy
+    try:
+        generate(webui, p)
+    finally:
+        MonkeySession.weights = real_weights
+        calls.close()
+    base, hires = (16, 16), (32, 32)
+    pass1, rest = calls.sizes[:6], calls.sizes[6:]
+    assert set(pass1) == {base}  # pass 1: no hires
+    assert rest[:8] == [base] * 8 and set(rest[8:]) == {hires} and len(rest[8:]) > 0
+    assert hires in seen_hw and base in seen_hw
+    assert p.enable_hr is True
+    assert_clean(webui, p)
+
+
+def test_img2img_both_passes_start_from_the_same_init_latent_and_noise(webui):
+    plain = make_p(webui, monkey=False, img2img=True, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, FULL, img2img=True, **SIZE)
+    generate(webui, p)
+    assert (latents(p) - latents(plain)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("batch_cond_uncond", "and_prompts", "expected"),
+    [
+        (True, 1, [[(0, True), (1, True), (0, False), (1, False)]]),
+        (False, 1, [[(0, True), (1, True)], [(0, False), (1, False)]]),
+        (True, 2, [[(0, True), (0, True), (1, True), (1, True), (0, False), (1, False)]]),
+        (False, 2, [[(0, True), (0, True)], [(1, True), (1, True)], [(0, False), (1, False)]]),
+    ],
+    ids=["one-call", "split-calls", "AND-one-call", "AND-split-calls"],
+)
+def test_rows_map_to_their_images_in_every_webui_layout(
+    webui, monkeypatch, batch_cond_uncond, and_prompts, expected
+):
+    # ControlNet caches IP keys from the first UNet call, so the images themselves differ between
+    # layouts even without MONKEY; what MONKEY must get right is which image each row is.
+    webui.shared.opts.data["batch_cond_uncond"] = batch_cond_uncond
+    seen = []
+    real = MonkeySession.begin_unet_call
+
+    def spy(self, n_rows, latent_hw):
+        rows = real(self, n_rows, latent_hw)
+        if self.phase is Phase.APPLY:
+            seen.append(list(zip(rows.images.tolist(), rows.cond.tolist())))
+        return rows
+
+    monkeypatch.setattr(MonkeySession, "begin_unet_call", spy)
+    p = make_p(webui, ON, batch_size=2, and_prompts=and_prompts, steps=4, **SIZE)
+    generate(webui, p)
+    assert seen[: len(expected)] == expected
+    assert len(seen) == 4 * len(expected)
+    assert not webui.errors
+
+
+def test_batch_count_and_size_give_every_image_its_own_mask_and_threshold(webui):
+    settings = with_fields(ON, thresholds=(0.0, 1.0, "auto"))
+    p = make_p(webui, settings, batch_size=2, n_iter=2, **SIZE)
+    processed = generate(webui, p)
+    run_statuses = [text.split("MONKEY status: ")[1] for text in processed.infotexts[:4]]
+    assert "threshold 0.00" in run_statuses[0] and "(full mask)" in run_statuses[0]
+    assert "threshold 1.00" in run_statuses[1] and "(full mask)" not in run_statuses[1]
+    assert run_statuses[2].startswith('"masked')  # Otsu's threshold for this image's own map
+    assert "threshold 0.50" in run_statuses[3]  # past the list: the global threshold
+    assert len(processed.images) == 4 + 4  # four images, four masks
+    assert p.controlnet.process_sample_calls == 4
+
+
+# -- per-row masking inside ControlNet's attention ---------------------------------------------------
+
+
+def test_each_row_gets_its_own_images_mask_in_cond_and_uncond_rows():
+    from fake_ldm import TinyLdmUNet
+
+    unet = TinyLdmUNet().eval()
+    adapter = FakeIPAdapter(unet, seed=3)
+    adapter.hook(unet)
+    unet.cond_mark = torch.tensor([1.0, 1.0, 0.0, 0.0])[:, None, None, None]
+    layer = "output_blocks.4.1.transformer_blocks.0.attn2"
+    hacks = [h for h in controlnet.find_ip_hacks(unet) if h.layer == layer]
+    session = MonkeySession(ON, (layer,), RowLayout.webui([1, 1]))
+    from monkey.maskset import MaskSet
+
+    session.masks = MaskSet(
+        torch.stack([torch.ones(4, 4), torch.zeros(4, 4)]).bool(), [None] * 2, [0.5] * 2, [1] * 2
+    )
+    session.begin(Phase.APPLY)
+    session.begin_step(3, 8)
+    session.begin_unet_call(4, (16, 16))
+    module = unet.get_submodule(layer)
+    x = torch.randn(4, 16, module.to_q.out_features)
+    q = module.to_q(x).view(4, 16, 2, -1).transpose(1, 2)
+    plain = hacks[0].fn(module, x, q)
+    masked = controlnet.wrap(hacks[0], session, records=False)(module, x, q)
+    assert torch.equal(masked[[0, 2]], plain[[0, 2]])  # cond and uncond rows of image 0: kept
+    assert torch.equal(masked[[1, 3]], torch.zeros_like(plain[[1, 3]]))  # image 1: masked out
+    assert hacked_attn_forward  # the hacked forward is what calls these in a real run
+
+
+def test_recording_reads_controlnets_own_cached_keys():
+    from fake_ldm import TinyLdmUNet
+
+    unet = TinyLdmUNet().eval()
+    adapter = FakeIPAdapter(unet, seed=3)
+    adapter.hook(unet)
+    unet.cond_mark = torch.tensor([1.0, 0.0])[:, None, None, None]
+    layer = "output_blocks.4.1.transformer_blocks.0.attn2"
+    hack = next(h for h in controlnet.find_ip_hacks(unet) if h.layer == layer)
+    assert hack.adapter is adapter and hack.number == 7
+    session = MonkeySession(ON, (layer,), RowLayout.webui([1]))
+    session.begin(Phase.RECORD)
+    session.begin_step(2, 8)
+    session.begin_unet_call(2, (16, 16))
+    module = unet.get_submodule(layer)
+    x = torch.randn(2, 16, module.to_q.out_features)
+    q = module.to_q(x).view(2, 16, 2, -1).transpose(1, 2)
+    out = controlnet.wrap(hack, session, records=True)(module, x, q)
+    assert torch.equal(out, hack.fn(module, x, q))  # recording leaves ControlNet's output alone
+    k = adapter.cache["15_to_k_ip"].view(2, -1, 2, q.shape[-1]).transpose(1, 2)
+    expected = torch.softmax(q[:1] @ k[:1].transpose(-1, -2) * q.shape[-1] ** -0.5, -1)[
+        ..., 1
+    ].mean(1)
+    torch.testing.assert_close(
+        session.recorder.result().maps[0, 0].reshape(1, -1), expected, rtol=0, atol=1e-6
+    )
+
+
+# -- errors, interrupts, teardown --------------------------------------------------------------------
+
+
+def failing_unet(p, phase_calls: int):
+    """Make the UNet raise on its ``phase_calls``-th call."""
+    unet = p.sd_model.model.diffusion_model
+    count = {"n": 0}
+
+    def boom(_module, _args):
+        count["n"] += 1
+        if count["n"] == phase_calls:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    return unet.register_forward_pre_hook(boom)
+
+
+@pytest.mark.parametrize(
+    ("call", "where"), [(3, "pass 1"), (9, "pass 2")], ids=["in-pass-1", "in-pass-2"]
+)
+def test_an_exception_inside_a_pass_leaves_nothing_patched(webui, call, where):
+    p = make_p(webui, ON, enable_hr=True, steps=8, **SIZE)
+    cn_sample = {}
+    original_process = p.controlnet.process
+
+    def process_and_remember(p_, *args):
+        original_process(p_, *args)
+        cn_sample["fn"] = p_.sample
+
+    p.controlnet.process = process_and_remember
+    webui.state.reset()
+    p.scripts.process(p)  # ControlNet hooks, MONKEY parses: as process_images would
+    handle = failing_unet(p, call)
+    hacks_before = hacks_of(p)
+    p.scripts.before_process_batch(p)
+    p.iteration, p.prompts, p.seeds, p.subseeds = 0, ["x"], [1], [0]
+    from fake_webui import ImageRNG
+
+    p.rng = ImageRNG((4, 16, 16), p.seeds)
+    p.scripts.process_batch(p)
+    p.setup_conds()
+    with pytest.raises(RuntimeError, match="simulated"):
+        p.sample(
+            conditioning=p.c,
+            unconditional_conditioning=p.uc,
+            seeds=p.seeds,
+            subseeds=p.subseeds,
+            subseed_strength=0,
+            prompts=p.prompts,
+        )
+    handle.remove()
+    assert p.sample is cn_sample["fn"]
+    assert p.enable_hr is True
+    assert hacks_of(p) == hacks_before
+    assert not any(cb.name == "monkey_step" for cb in webui.callbacks["callbacks_cfg_denoiser"])
+    assert not p.sd_model.model.diffusion_model._forward_pre_hooks
+    assert not a1111.LIVE_HOOKS
+
+
+def test_interrupt_during_pass_one_skips_pass_two_and_keeps_the_image(webui):
+    p = make_p(webui, ON, steps=8, **SIZE)
+
+    def interrupt(params):
+        if params.denoiser.step == 2:
+            webui.state.interrupted = True
+
+    webui.modules["modules.script_callbacks"].on_cfg_denoiser(interrupt)
+    calls = UNetCalls(p.sd_model.model.diffusion_model)
+    processed = generate(webui, p)
+    calls.close()
+    assert len(calls.sizes) == 3  # step 2 finishes, step 3 sees the flag; no pass 2
+    assert len(processed.images) == 1 and latents(p).shape == (1, 4, 16, 16)
+    assert "interrupted after pass 1" in processed.infotexts[0]
+    assert_clean(webui, p)
+
+
+def test_skip_between_passes_returns_pass_one(webui):
+    p = make_p(webui, ON, steps=8, **SIZE)
+    real_nextjob = webui.state.nextjob
+
+    def skip_after_pass_one():
+        real_nextjob()
+        webui.state.skipped = True
+
+    webui.state.nextjob = skip_after_pass_one
+    calls = UNetCalls(p.sd_model.model.diffusion_model)
+    generate(webui, p)
+    calls.close()
+    assert len(calls.sizes) == 6
+    assert_clean(webui, p)
+
+
+def test_pass_one_ends_with_an_interrupted_exception_that_sampling_catches(webui):
+    p = make_p(webui, ON, steps=8, **SIZE)
+    generate(webui, p)
+    assert not any(isinstance(e, InterruptedException) for e in webui.errors)
+
+
+# -- settings in and out -----------------------------------------------------------------------------
+
+
+def test_api_dict_form_and_wrong_values_name_the_field(webui):
+    p = make_p(webui, {"enabled": True, "threshold": 0.3}, **SIZE)
+    processed = generate(webui, p)
+    assert "MONKEY threshold: 0.3" in processed.infotexts[0]
+    bad = make_p(webui, {"enabled": True, "threshold": "high"}, **SIZE)
+    with pytest.raises(MonkeyArgsError, match="'threshold' got 'high'"):
+        generate(webui, bad)
+    assert_no_hooks(webui, bad)
+
+
+def test_api_list_form_partial_keeps_ui_defaults(webui):
+    p = make_p(webui, script_args=[True, 0.4], **SIZE)
+    processed = generate(webui, p)
+    assert "MONKEY threshold: 0.4" in processed.infotexts[0]
+    assert "MONKEY token: 1" in processed.infotexts[0]
+
+
+def test_unknown_mask_layer_is_a_clear_error(webui):
+    p = make_p(
+        webui, with_fields(ON, layers=("output_blocks.4.1.transformer_blocks.5.attn2",)), **SIZE
+    )
+    with pytest.raises(MonkeyArgsError, match="'layers'"):
+        generate(webui, p)
+    assert_no_hooks(webui, p)
+
+
+def test_infotext_round_trips_through_the_webui_parser_and_paste_fields(webui):
+    settings = MonkeyArgs(
+        enabled=True, threshold=0.35, thresholds=(0.2, "auto"), token="auto", dilate=8, feather=4
+    )
+    p = make_p(webui, settings, **SIZE)
+    processed = generate(webui, p)
+    parsed = webui.infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert MonkeyArgs.from_infotext(parsed) == settings
+    assert parsed["MONKEY version"] == a1111.__version__
+    fields = p.monkey_script.infotext_fields
+    assert [field.api for field in fields] == list(A.names())
+    pasted = {field.api: field.function(parsed) for field in fields}
+    assert MonkeyArgs.from_ui([pasted[name] for name in A.names()]) == settings
+    no_monkey = {field.api: field.function({"Steps": "20"}) for field in fields}
+    assert no_monkey["enabled"] is False and no_monkey["threshold"] is None
+    assert set(p.monkey_script.paste_field_names) == set(A.labels().values())
+
+
+def test_ui_components_are_in_settings_order_with_settings_defaults(webui):
+    webui.shared.opts.data.update(
+        monkey_threshold=0.42, monkey_preview=False, monkey_save_masks=True
+    )
+    p = make_p(webui, ON, **SIZE)
+    controls = p.monkey_script.controls
+    assert len(controls) == len(A.names())
+    values = MonkeyArgs.from_ui([control.value for control in controls])
+    assert values == MonkeyArgs(threshold=0.42, preview=False, save_masks=True)
+    assert controls[0].elem_id == "script_txt2img_monkey_enabled"
+
+
+def test_settings_section_and_xyz_axes(webui):
+    sc = webui.modules["modules.script_callbacks"]
+    sc.fire("ui_settings")
+    assert {"monkey_threshold", "monkey_preview", "monkey_save_masks"} <= set(
+        webui.shared.opts.data_labels
+    )
+    import types
+
+    xyz = types.SimpleNamespace(
+        axis_options=[], boolean_choice=lambda reverse=False: lambda: ["False", "True"]
+    )
+    xyz.AxisOption = lambda label, type, apply, **kw: types.SimpleNamespace(
+        label=label, type=type, apply=apply, **kw
+    )
+    webui.scripts.scripts_data.append(
+        types.SimpleNamespace(script_class=type("X", (), {"__module__": "xyz_grid.py"}), module=xyz)
+    )
+    sc.fire("before_ui")
+    sc.fire("before_ui")  # idempotent
+    labels = [option.label for option in xyz.axis_options]
+    assert labels == ["[MONKEY] Enabled", "[MONKEY] Threshold", "[MONKEY] Token", "[MONKEY] Layer"]
+    p = make_p(webui, MonkeyArgs(enabled=False), **SIZE)
+    by_label = {option.label: option for option in xyz.axis_options}
+    by_label["[MONKEY] Enabled"].apply(p, "True", [])
+    by_label["[MONKEY] Threshold"].apply(p, 0.7, [])
+    with pytest.raises(MonkeyArgsError):
+        by_label["[MONKEY] Token"].confirm(p, ["first"])
+    processed = generate(webui, p)
+    assert "MONKEY threshold: 0.7" in processed.infotexts[0]
+
+
+def test_settings_schema_route_lists_every_setting(webui):
+    from monkey.hosts import a1111_ui
+
+    routes = {}
+    app = type(
+        "App", (), {"add_api_route": lambda self, path, fn, methods: routes.__setitem__(path, fn)}
+    )()
+    webui.modules["modules.script_callbacks"].fire("app_started", None, app)
+    schema = routes["/monkey/v1/settings"]()
+    assert schema["order"] == list(A.names())
+    assert schema["settings"]["threshold"]["label"] == "MONKEY threshold"
+    assert a1111_ui.settings_schema() == schema
+
+
+# -- previews, saving, progress --------------------------------------------------------------------
+
+
+def test_masks_and_pass_one_images_follow_the_images_with_their_infotext(webui):
+    settings = with_fields(ON, preview=True, preview_pass1=True, save_masks=True)
+    p = make_p(webui, settings, batch_size=2, **SIZE)
+    processed = generate(webui, p)
+    assert len(processed.images) == 2 + 2 * 2
+    masks = processed.images[2::2]
+    assert all(image.mode == "L" and image.size == (128, 128) for image in masks)
+    pixels = [np.asarray(image) for image in masks]
+    assert all(set(np.unique(a)) <= {0, 255} and 0 < a.mean() < 255 for a in pixels)
+    assert (
+        processed.infotexts[2] == processed.infotexts[0]
+        and processed.infotexts[4] == processed.infotexts[1]
+    )
+    mask_saves = [s for s in webui.saved if s["suffix"] == "-monkey-mask"]
+    assert [s["seed"] for s in mask_saves] == [1, 2] and all(
+        s["extension"] == "png" for s in mask_saves
+    )
+
+
+def test_no_saving_when_the_generation_does_not_save(webui):
+    p = make_p(webui, with_fields(ON, save_masks=True), **SIZE)
+    p.do_not_save_samples = True
+    generate(webui, p)
+    assert not webui.saved
+
+
+def test_progress_counts_both_passes(webui):
+    p = make_p(webui, ON, n_iter=2, **SIZE)
+    generate(webui, p)
+    assert webui.state.job_count == 2 + 2  # one extra job per batch for pass 1
+    assert webui.state.job_no == webui.state.job_count
+
+
+def test_monkey_values_helper_matches_ui_order():
+    assert MonkeyArgs.from_ui(monkey_values(ON)) == ON
+
+
+def test_unload_removes_live_hooks(webui):
+    from monkey.hooks import CallbackHook, HookSet
+
+    removed = []
+    hooks = HookSet([CallbackHook(lambda: None, lambda: removed.append(1))])
+    hooks.install()
+    a1111.LIVE_HOOKS.add(hooks)
+    webui.modules["modules.script_callbacks"].fire("script_unloaded")
+    assert removed == [1] and not a1111.LIVE_HOOKS
