@@ -217,8 +217,8 @@ class MonkeyArgs:
         "IP off outside window",
         _as_bool,
         "true or false",
-        "Switch IP-Adapter off outside the apply window, as the reference code does; off keeps "
-        "plain IP-Adapter there.",
+        "Switch IP-Adapter off outside the apply window, as the reference code does; unchecked, "
+        "plain IP-Adapter runs there.",
     )
     outside_weight: float = _spec(
         0.0,

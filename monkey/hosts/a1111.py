@@ -351,7 +351,12 @@ def start(p: Any, script_args: tuple) -> MonkeyRun | None:
     params.update(settings.to_infotext())
     params[VERSION_LABEL] = __version__
     params[STATUS_LABEL] = run.status_text
-    if _find_controlnet(p) is None:
+    if hasattr(getattr(p, "sd_model", None), "forge_objects"):
+        run.skip(
+            p,
+            "Forge's built-in IP-Adapter is not supported yet; use AUTOMATIC1111 with sd-webui-controlnet",
+        )
+    elif _find_controlnet(p) is None:
         run.skip(
             p, "sd-webui-controlnet is not installed or not enabled; install it to use IP-Adapter"
         )
