@@ -80,21 +80,27 @@ class MapRecorder:
         size = max(self._sizes.values(), key=lambda hw: hw[0] * hw[1])
         per_step = []
         for step in self.steps():
-            total, weight = None, None
+            grids, seen = [], []
             for layer in sorted(self.layers):
                 if (step, layer) not in self._sums:
                     continue
-                counts = self._counts[(step, layer)].cpu()
-                mean = self._sums[(step, layer)].cpu() / counts.clamp_min(1.0).view(
-                    -1, *[1] * (self._sums[(step, layer)].ndim - 1)
+                sums, counts = self._sums[(step, layer)].cpu(), self._counts[(step, layer)].cpu()
+                per_image = (-1,) + (1,) * (sums.ndim - 1)
+                grids.append(
+                    self._to_grid(
+                        sums / counts.clamp_min(1.0).view(per_image), self._sizes[layer], size
+                    )
                 )
-                grid = self._to_grid(mean, self._sizes[layer], size)
-                seen = (counts > 0).float().view(-1, *[1] * (grid.ndim - 1))
-                total = grid * seen if total is None else total + grid * seen
-                weight = seen if weight is None else weight + seen
-            averaged = total / weight.clamp_min(1.0)
-            averaged = torch.where(weight > 0, averaged, torch.full_like(averaged, float("nan")))
-            per_step.append(averaged)
+                seen.append(
+                    (counts > 0)
+                    .float()
+                    .view((-1,) + (1,) * (grids[-1].ndim - 1))
+                    .expand_as(grids[-1])
+                )
+            weight = torch.stack(seen).sum(dim=0)
+            total = (torch.stack(grids) * torch.stack(seen)).sum(dim=0)
+            nan = torch.full_like(total, float("nan"))  # an image with no cond row at this step
+            per_step.append(torch.where(weight > 0, total / weight.clamp_min(1.0), nan))
         return RecordedMaps(torch.stack(per_step, dim=1), self.steps(), self._latent_hw)
 
     @staticmethod

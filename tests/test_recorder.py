@@ -1,0 +1,71 @@
+"""The recorder keeps O(H·W) per image, layer and step, and combines layers on one grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from monkey.attention import token_maps
+from monkey.recorder import MapRecorder
+from monkey.rows import RowLayout, RowTracker
+
+
+def rows_for(layout: RowLayout, n_rows: int, latent_hw=(16, 16)):
+    tracker = RowTracker(layout)
+    return tracker.unet_call(n_rows, latent_hw)
+
+
+def qk(rows: int, n: int, heads: int = 8, tokens: int = 4, d: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, heads, n, d, generator=gen), torch.randn(
+        rows, heads, tokens, d, generator=gen
+    )
+
+
+def test_only_cond_rows_head_mean_maps_are_kept():
+    recorder = MapRecorder(("a",), token=1, n_images=2)
+    rows = rows_for(RowLayout.webui([1, 1]), 4)
+    q, k = qk(4, 64)
+    for step in range(5):
+        recorder.observe(step, "a", q, k, rows)
+    retained = sum(t.numel() for t in recorder._sums.values())
+    assert retained == 5 * 2 * 64  # steps × images × N: no [B, heads, N, T] survives
+    result = recorder.result()
+    assert result.maps.shape == (2, 5, 8, 8)
+    torch.testing.assert_close(result.maps[:, 0].reshape(2, -1), token_maps(q[:2], k[:2], 1))
+
+
+def test_and_prompt_rows_of_one_image_are_averaged():
+    recorder = MapRecorder(("a",), token=0, n_images=1)
+    rows = rows_for(RowLayout.webui([2]), 3)  # two cond rows of image 0, one uncond row
+    q, k = qk(3, 16)
+    recorder.observe(0, "a", q, k, rows)
+    expected = token_maps(q[:2], k[:2], 0).mean(0)
+    torch.testing.assert_close(recorder.result().maps[0, 0].reshape(-1), expected)
+
+
+def test_layers_of_different_resolutions_average_on_the_finest_grid():
+    recorder = MapRecorder(("fine", "coarse"), token=2, n_images=1)
+    rows = rows_for(RowLayout.webui([1]), 2)
+    qf, kf = qk(2, 64, seed=1)  # 8×8 for a 16×16 latent (level 1)
+    qc, kc = qk(2, 16, seed=2)  # 4×4 (level 2)
+    recorder.observe(3, "fine", qf, kf, rows)
+    recorder.observe(3, "coarse", qc, kc, rows)
+    recorder.observe(3, "other", qc, kc, rows)  # not a source layer: ignored
+    fine = token_maps(qf[:1], kf[:1], 2).reshape(1, 1, 8, 8)
+    coarse = F.interpolate(
+        token_maps(qc[:1], kc[:1], 2).reshape(1, 1, 4, 4), size=(8, 8), mode="bilinear"
+    )
+    result = recorder.result()
+    assert result.maps.shape == (1, 1, 8, 8) and result.steps == (3,)
+    torch.testing.assert_close(result.maps[0, 0], ((fine + coarse) / 2)[0, 0])
+
+
+def test_an_image_without_cond_rows_at_a_step_is_nan():
+    recorder = MapRecorder(("a",), token=None, n_images=2)
+    tracker = RowTracker(RowLayout.webui([1, 1]))
+    q, k = qk(1, 16)
+    recorder.observe(0, "a", q, k, tracker.unet_call(1, (8, 8)))  # split call: image 0's row only
+    result = recorder.result()
+    assert result.maps.shape == (2, 1, 4, 4, 4)  # all tokens kept for token=auto
+    assert torch.isnan(result.maps[1]).all() and not torch.isnan(result.maps[0]).any()
