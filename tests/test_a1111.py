@@ -12,6 +12,7 @@ from webui_run import UNetCalls, generate, latents, make_p, monkey_values, with_
 from monkey import args as A
 from monkey.args import MonkeyArgs, MonkeyArgsError
 from monkey.hosts import a1111, controlnet
+from monkey.maskset import MaskSet
 from monkey.rows import RowLayout
 from monkey.session import MonkeySession, Phase
 
@@ -230,60 +231,51 @@ def test_batch_count_and_size_give_every_image_its_own_mask_and_threshold(webui)
 # -- per-row masking inside ControlNet's attention ---------------------------------------------------
 
 
-def test_each_row_gets_its_own_images_mask_in_cond_and_uncond_rows():
+LAYER = "output_blocks.4.1.transformer_blocks.0.attn2"
+
+
+def hooked_layer(cond_mark: list[float], phase: Phase, repeats: list[int]):
+    """A real attn2 with a ControlNet-shaped IP-Adapter hook, and a session at one UNet call."""
     from fake_ldm import TinyLdmUNet
 
     unet = TinyLdmUNet().eval()
     adapter = FakeIPAdapter(unet, seed=3)
     adapter.hook(unet)
-    unet.cond_mark = torch.tensor([1.0, 1.0, 0.0, 0.0])[:, None, None, None]
-    layer = "output_blocks.4.1.transformer_blocks.0.attn2"
-    hacks = [h for h in controlnet.find_ip_hacks(unet) if h.layer == layer]
-    session = MonkeySession(ON, (layer,), RowLayout.webui([1, 1]))
-    from monkey.maskset import MaskSet
+    unet.cond_mark = torch.tensor(cond_mark)[:, None, None, None]
+    hack = next(h for h in controlnet.find_ip_hacks(unet) if h.layer == LAYER)
+    session = MonkeySession(ON, (LAYER,), RowLayout.webui(repeats))
+    if phase is Phase.APPLY:
+        image0, image1 = torch.ones(4, 4), torch.zeros(4, 4)
+        session.masks = MaskSet(
+            torch.stack([image0, image1]).bool(), [None] * 2, [0.5] * 2, [1] * 2
+        )
+    session.begin(phase)
+    session.begin_step(3 if phase is Phase.APPLY else 2, 8)
+    session.begin_unet_call(len(cond_mark), (16, 16))
+    module = unet.get_submodule(LAYER)
+    x = torch.randn(len(cond_mark), 16, module.to_q.out_features)
+    q = module.to_q(x).view(len(cond_mark), 16, 2, -1).transpose(1, 2)
+    return adapter, hack, session, module, x, q
 
-    session.masks = MaskSet(
-        torch.stack([torch.ones(4, 4), torch.zeros(4, 4)]).bool(), [None] * 2, [0.5] * 2, [1] * 2
-    )
-    session.begin(Phase.APPLY)
-    session.begin_step(3, 8)
-    session.begin_unet_call(4, (16, 16))
-    module = unet.get_submodule(layer)
-    x = torch.randn(4, 16, module.to_q.out_features)
-    q = module.to_q(x).view(4, 16, 2, -1).transpose(1, 2)
-    plain = hacks[0].fn(module, x, q)
-    masked = controlnet.wrap(hacks[0], session, records=False)(module, x, q)
+
+def test_each_row_gets_its_own_images_mask_in_cond_and_uncond_rows():
+    _, hack, session, module, x, q = hooked_layer([1.0, 1.0, 0.0, 0.0], Phase.APPLY, [1, 1])
+    plain = hack.fn(module, x, q)
+    masked = controlnet.wrap(hack, session, records=False)(module, x, q)
     assert torch.equal(masked[[0, 2]], plain[[0, 2]])  # cond and uncond rows of image 0: kept
     assert torch.equal(masked[[1, 3]], torch.zeros_like(plain[[1, 3]]))  # image 1: masked out
     assert hacked_attn_forward  # the hacked forward is what calls these in a real run
 
 
 def test_recording_reads_controlnets_own_cached_keys():
-    from fake_ldm import TinyLdmUNet
-
-    unet = TinyLdmUNet().eval()
-    adapter = FakeIPAdapter(unet, seed=3)
-    adapter.hook(unet)
-    unet.cond_mark = torch.tensor([1.0, 0.0])[:, None, None, None]
-    layer = "output_blocks.4.1.transformer_blocks.0.attn2"
-    hack = next(h for h in controlnet.find_ip_hacks(unet) if h.layer == layer)
+    adapter, hack, session, module, x, q = hooked_layer([1.0, 0.0], Phase.RECORD, [1])
     assert hack.adapter is adapter and hack.number == 7
-    session = MonkeySession(ON, (layer,), RowLayout.webui([1]))
-    session.begin(Phase.RECORD)
-    session.begin_step(2, 8)
-    session.begin_unet_call(2, (16, 16))
-    module = unet.get_submodule(layer)
-    x = torch.randn(2, 16, module.to_q.out_features)
-    q = module.to_q(x).view(2, 16, 2, -1).transpose(1, 2)
     out = controlnet.wrap(hack, session, records=True)(module, x, q)
     assert torch.equal(out, hack.fn(module, x, q))  # recording leaves ControlNet's output alone
     k = adapter.cache["15_to_k_ip"].view(2, -1, 2, q.shape[-1]).transpose(1, 2)
-    expected = torch.softmax(q[:1] @ k[:1].transpose(-1, -2) * q.shape[-1] ** -0.5, -1)[
-        ..., 1
-    ].mean(1)
-    torch.testing.assert_close(
-        session.recorder.result().maps[0, 0].reshape(1, -1), expected, rtol=0, atol=1e-6
-    )
+    probs = torch.softmax(q[:1] @ k[:1].transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
+    recorded = session.recorder.result().maps[0, 0].reshape(1, -1)
+    torch.testing.assert_close(recorded, probs[..., 1].mean(1), rtol=0, atol=1e-6)
 
 
 # -- errors, interrupts, teardown --------------------------------------------------------------------
@@ -536,3 +528,32 @@ def test_unload_removes_live_hooks(webui):
     a1111.LIVE_HOOKS.add(hooks)
     webui.modules["modules.script_callbacks"].fire("script_unloaded")
     assert removed == [1] and not a1111.LIVE_HOOKS
+
+
+def test_several_units_are_all_masked_and_the_chosen_one_records(webui, monkeypatch):
+    recorded_by = []
+    real_wrap = controlnet.wrap
+
+    def spy(hack, session, records):
+        if records:
+            recorded_by.append(hack.adapter)
+        return real_wrap(hack, session, records)
+
+    monkeypatch.setattr(controlnet, "wrap", spy)
+    units = [{"seed": 7}, {"seed": 8, "weight": 0.5}]
+    plain = make_p(webui, monkey=False, units=units, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, with_fields(FULL, source_unit=1), units=units, **SIZE)
+    generate(webui, p)
+    assert (latents(p) - latents(plain)).abs().max() <= 1e-6  # both units ran, same noise
+    assert len(recorded_by) == 16 and all(a is p.controlnet.adapters[1] for a in recorded_by)
+    masked = make_p(webui, ON, units=units, **SIZE)
+    generate(webui, masked)
+    assert not torch.allclose(latents(masked), latents(plain), atol=1e-3)
+
+
+def test_a_missing_source_unit_falls_back_to_the_first_with_a_note(webui):
+    p = make_p(webui, with_fields(ON, source_unit=3), **SIZE)
+    processed = generate(webui, p)
+    assert any("source unit 3 does not exist" in comment for comment in p.comments)
+    assert '"masked' in processed.infotexts[0]

@@ -122,6 +122,15 @@ def applied(
         return inputs(unet)
 
 
+def without_ip(unet, inputs: Inputs) -> torch.Tensor:
+    """The UNet's output with every IP-Adapter scale at 0 (diffusers skips the IP branch)."""
+    set_ip_scale(unet, 0.0)
+    try:
+        return inputs(unet)
+    finally:
+        set_ip_scale(unet, 1.0)
+
+
 def test_all_ones_mask_equals_plain_ip_adapter(unet, inputs):
     plain = inputs(unet)
     out = applied(unet, inputs, masks_of(torch.ones(2, 8, 8)))
@@ -129,22 +138,14 @@ def test_all_ones_mask_equals_plain_ip_adapter(unet, inputs):
 
 
 def test_all_zeros_mask_equals_ip_scale_zero(unet, inputs):
-    set_ip_scale(unet, 0.0)
-    try:
-        no_ip = inputs(unet)
-    finally:
-        set_ip_scale(unet, 1.0)
+    no_ip = without_ip(unet, inputs)
     out = applied(unet, inputs, masks_of(torch.zeros(2, 8, 8)))
     assert (out - no_ip).abs().max() <= 1e-6
     assert not torch.equal(out, inputs(unet))
 
 
 def test_ip_off_outside_apply_window_equals_ip_scale_zero(unet, inputs):
-    set_ip_scale(unet, 0.0)
-    try:
-        no_ip = inputs(unet)
-    finally:
-        set_ip_scale(unet, 1.0)
+    no_ip = without_ip(unet, inputs)
     out = applied(unet, inputs, masks_of(torch.ones(2, 8, 8)), step=(0, 4))
     assert torch.equal(out, no_ip)
     kept = applied(
@@ -169,11 +170,7 @@ def test_ip_contribution_is_exactly_zero_outside_the_mask(unet, inputs):
     gen = torch.Generator().manual_seed(3)
     binary = torch.rand(2, 8, 8, generator=gen) > 0.5
     masks = masks_of(binary)
-    set_ip_scale(unet, 0.0)
-    try:
-        text_only = layer_output(unet, FIRST, lambda: inputs(unet))
-    finally:
-        set_ip_scale(unet, 1.0)
+    text_only = layer_output(unet, FIRST, lambda: without_ip(unet, inputs))
     masked = layer_output(unet, FIRST, lambda: applied(unet, inputs, masks))
     layer_mask = masks.weights(256, (16, 16), torch.device("cpu"))  # [images, N] at 16×16
     rows = torch.tensor([0, 1, 0, 1])  # uncond images 0, 1 then cond images 0, 1
@@ -186,11 +183,7 @@ def test_ip_contribution_is_exactly_zero_outside_the_mask(unet, inputs):
 
 def test_each_image_gets_its_own_mask_in_cond_and_uncond_rows(unet, inputs):
     plain = inputs(unet)
-    set_ip_scale(unet, 0.0)
-    try:
-        no_ip = inputs(unet)
-    finally:
-        set_ip_scale(unet, 1.0)
+    no_ip = without_ip(unet, inputs)
     binary = torch.stack([torch.ones(8, 8), torch.zeros(8, 8)])
     out = applied(unet, inputs, masks_of(binary))
     image0, image1 = torch.tensor([0, 2]), torch.tensor([1, 3])
