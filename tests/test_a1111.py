@@ -557,3 +557,16 @@ def test_a_missing_source_unit_falls_back_to_the_first_with_a_note(webui):
     processed = generate(webui, p)
     assert any("source unit 3 does not exist" in comment for comment in p.comments)
     assert '"masked' in processed.infotexts[0]
+
+
+def test_a_batch_that_never_sampled_does_not_nest_wrappers(webui):
+    p = make_p(webui, ON, **SIZE)
+    webui.state.reset()
+    p.scripts.process(p)
+    cn_sample = p.sample
+    p.scripts.process_batch(p)
+    p.scripts.process_batch(p)  # the previous batch failed before p.sample
+    assert p.sample.__name__ == "monkey_sample"
+    p.scripts.postprocess(p, webui.processing.Processed(p, []))
+    assert p.sample is cn_sample
+    assert not hasattr(p, a1111.RUN_ATTR)

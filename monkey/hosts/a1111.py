@@ -70,6 +70,7 @@ class MonkeyRun:
         self.skip_reason: str | None = None
         self.batches: list[BatchOutcome] = []
         self.statuses: dict[int, str] = {}
+        self._sample_patch: AttrPatch | None = None
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -96,19 +97,26 @@ class MonkeyRun:
 
     def wrap_sample(self, p: Any) -> None:
         """Wrap the current ``p.sample`` for this batch; the wrapper removes itself when done."""
-        holder: dict[str, AttrPatch] = {}
+        self.unwrap_sample()  # a batch that never sampled must not leave a wrapper to nest
 
         def make(original: Callable) -> Callable:
             def monkey_sample(*args, **kwargs):
                 try:
                     return self.sample_batch(p, original, args, kwargs)
                 finally:
-                    holder["patch"].remove()
+                    patch.remove()
 
             return monkey_sample
 
-        holder["patch"] = AttrPatch(p, "sample", make)
-        holder["patch"].install()
+        patch = AttrPatch(p, "sample", make)
+        patch.install()
+        self._sample_patch = patch
+
+    def unwrap_sample(self) -> None:
+        patch = self._sample_patch
+        if patch is not None:
+            patch.remove()
+            self._sample_patch = None
 
     def sample_batch(self, p: Any, original: Callable, args: tuple, kwargs: dict):
         if self.error is not None:
@@ -378,6 +386,7 @@ def finish(p: Any, processed: Any) -> None:
     if run is None:
         return
     try:
+        run.unwrap_sample()
         run.finish(p, processed)
     finally:
         delattr(p, RUN_ATTR)
