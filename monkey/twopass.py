@@ -39,7 +39,11 @@ def run_two_pass(
     reset_noise: Callable[[], None],
     hooks: HookSet | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    first_is_final: bool = True,
 ) -> TwoPassResult[T]:
+    """``first_is_final``: pass 1, when it runs to its end, is what a plain generation gives
+    (false when the host changes pass 1, e.g. without hires fix); if nothing was recorded the
+    plain generation is then sampled again, with MONKEY idle, so no image is lost or shrunk."""
     hooks = hooks or HookSet()
     with hooks:
         try:
@@ -50,14 +54,14 @@ def run_two_pass(
         if cancelled():
             return TwoPassResult(first, first, None, "interrupted after pass 1")
         if not session.recorder.has_data:
-            # pass 1 ran to the end (it only stops early after recording), so it is a full image
-            return TwoPassResult(
-                first,
-                first,
-                None,
+            reason = (
                 "no IP-Adapter attention was recorded in the record window "
-                "(is the unit's start/end or weight excluding it?)",
+                "(is the unit's start/end or weight excluding it?)"
             )
+            if first_is_final:  # pass 1 only stops early after recording: it ran to its end
+                return TwoPassResult(first, first, None, reason)
+            reset_noise()
+            return TwoPassResult(sample(Phase.IDLE), first, None, reason)
         masks = session.build_masks()
         reset_noise()
         try:

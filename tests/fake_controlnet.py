@@ -3,7 +3,7 @@
 What MONKEY relies on is kept as ControlNet has it: each attn2 ``forward`` is replaced on the
 instance by a hacked forward that adds ``sum(f(self, x, q) for f in self.ipadapter_hacks)`` to the
 text attention before ``to_out``; each ``f`` is a closure over the adapter (``self``), its
-``number`` and ``transformer_index``, returns ``0.0`` outside the unit's start/end, and reads IP
+``number`` and ``transformer_index`` (decorated with ``@torch.no_grad()``), returns ``0.0`` outside the unit's start/end, and reads IP
 keys through a per-generation ``cache`` keyed ``"{2n+1}_to_k_ip"``. ``p.sample`` is replaced by
 ``process_sample``, which marks cond/uncond prompts; the UNet forward reads the marks into
 ``cond_mark``. ``postprocess`` clears every hack.
@@ -83,7 +83,9 @@ class FakeIPAdapter(torch.nn.Module):
             self.cache[key] = self.to_kvs[key](feat).to(device)
         return self.cache[key]
 
+    @torch.no_grad()
     def patch_forward(self, number: int, transformer_index: int):
+        @torch.no_grad()  # as ControlNet does: the list holds a functools.wraps wrapper
         def forward(attn_blk, x, q):
             b, _, inner = x.shape
             heads = attn_blk.heads

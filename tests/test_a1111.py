@@ -38,7 +38,7 @@ def assert_no_hooks(webui, p) -> None:
     assert not unet._forward_pre_hooks
     for module in unet.modules():
         for fn in getattr(module, "ipadapter_hacks", []):
-            assert not hasattr(fn, "__wrapped__"), "a MONKEY wrapper is still in ipadapter_hacks"
+            assert fn.__name__ != "monkey_ip_hack", "a MONKEY wrapper is still in ipadapter_hacks"
     assert "sample" not in vars(p) or vars(p)["sample"].__name__ != "monkey_sample"
     assert not a1111.LIVE_HOOKS
 
@@ -570,3 +570,26 @@ def test_a_batch_that_never_sampled_does_not_nest_wrappers(webui):
     p.scripts.postprocess(p, webui.processing.Processed(p, []))
     assert p.sample is cn_sample
     assert not hasattr(p, a1111.RUN_ATTR)
+
+
+def test_nothing_recorded_with_hires_still_returns_the_plain_hires_image(webui):
+    units = [{"seed": 7, "start": 0.9, "end": 1.0}]  # the unit is off during the record window
+    plain = make_p(webui, monkey=False, units=units, enable_hr=True, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, ON, units=units, enable_hr=True, **SIZE)
+    processed = generate(webui, p)
+    assert latents(p).shape == latents(plain).shape == (1, 4, 32, 32)
+    assert (latents(p) - latents(plain)).abs().max() <= 1e-6
+    assert "no IP-Adapter attention was recorded" in processed.infotexts[0]
+    assert len(processed.images) == 1
+    assert_clean(webui, p)
+
+
+def test_controlnet_hooks_it_cannot_read_are_left_alone_with_a_message(webui, monkeypatch):
+    monkeypatch.setattr(controlnet, "closure_vars", lambda fn: {})
+    plain = make_p(webui, monkey=False, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, ON, **SIZE)
+    processed = generate(webui, p)
+    assert torch.equal(latents(p), latents(plain))
+    assert "cannot read sd-webui-controlnet's IP-Adapter hooks" in processed.infotexts[0]

@@ -137,3 +137,25 @@ def test_nothing_recorded_returns_the_full_pass_one(unet):
     assert "no IP-Adapter attention was recorded" in result.skipped_reason
     assert [step for _, step in sampler.calls] == list(range(STEPS))
     assert not monkey.hooks.installed
+
+
+def test_nothing_recorded_and_pass_one_not_final_samples_plainly_again(unet):
+    plain = Sampler(unet, None)()
+    set_ip_scale(unet, 0.0)
+    try:
+        session = MonkeySession(MonkeyArgs(), (SOURCE,), RowLayout.diffusers(2, cfg=True))
+        sampler = Sampler(unet, session)
+        monkey = DiffusersMonkey(unet, session)
+        result = run_two_pass(
+            session,
+            sampler,
+            reset_noise=sampler.reset_noise,
+            hooks=monkey.hooks,
+            first_is_final=False,
+        )
+        no_ip = Sampler(unet, None)()
+    finally:
+        set_ip_scale(unet, 1.0)
+    assert [phase for phase, _ in sampler.calls].count("idle") == STEPS
+    assert torch.equal(result.samples, no_ip) and not torch.equal(result.samples, plain)
+    assert result.masks is None and "no IP-Adapter attention" in result.skipped_reason

@@ -130,6 +130,11 @@ class MonkeyRun:
                 p, "no active IP-Adapter unit (enable a ControlNet unit with an ip-adapter model)"
             )
             return original(*args, **kwargs)
+        if not controlnet.units(hacks):
+            self.skip(
+                p, "cannot read sd-webui-controlnet's IP-Adapter hooks (unsupported version?)"
+            )
+            return original(*args, **kwargs)
         session, source = self._session(p, hacks, kwargs.get("conditioning"))
         hooks = HookSet(controlnet.patches(hacks, session, source))
         hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
@@ -142,6 +147,7 @@ class MonkeyRun:
                 reset_noise=lambda: reset_rng(p),
                 hooks=hooks,
                 cancelled=_cancelled,
+                first_is_final=not _pass_one_skips_hires(p),
             )
         finally:
             LIVE_HOOKS.discard(hooks)
@@ -178,13 +184,16 @@ class MonkeyRun:
         from modules import shared
 
         state = shared.state
-        if phase is Phase.APPLY:
-            state.textinfo = "MONKEY pass 2 of 2: masked IP-Adapter"
+        if phase is not Phase.RECORD:
+            state.textinfo = {
+                Phase.APPLY: "MONKEY pass 2 of 2: masked IP-Adapter",
+                Phase.IDLE: "MONKEY found nothing to mask: plain generation",
+            }[phase]
             return original(*args, **kwargs)
         state.textinfo = "MONKEY pass 1 of 2: recording the subject mask"
         _extend_progress(p, self.settings)
         scoped = HookSet()
-        if getattr(p, "enable_hr", False) and getattr(p, "firstpass_image", None) is None:
+        if _pass_one_skips_hires(p):
             scoped.add(AttrPatch(p, "enable_hr", lambda _: False))  # hires only in pass 2
         with scoped:
             samples = original(*args, **kwargs)
@@ -286,6 +295,11 @@ def _denoiser_callback(session: MonkeySession) -> CallbackHook:
         lambda: script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="monkey_step"),
         lambda: script_callbacks.remove_callbacks_for_function(on_cfg_denoiser),
     )
+
+
+def _pass_one_skips_hires(p: Any) -> bool:
+    # with a first-pass image (the gallery's upscale button) the hires pass is all there is
+    return bool(getattr(p, "enable_hr", False)) and getattr(p, "firstpass_image", None) is None
 
 
 def _cancelled() -> bool:

@@ -43,6 +43,11 @@ class IPHack:
 
 
 def closure_vars(fn: Callable) -> dict[str, Any]:
+    """Free variables of a closure, looking through decorators: ControlNet wraps its closures in
+    ``@torch.no_grad()``, whose ``functools.wraps`` wrapper keeps the closure in ``__wrapped__``."""
+    seen = 0
+    while getattr(fn, "__wrapped__", None) is not None and seen < 16:
+        fn, seen = fn.__wrapped__, seen + 1
     code = getattr(fn, "__code__", None)
     cells = getattr(fn, "__closure__", None) or ()
     if code is None:
