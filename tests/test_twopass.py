@@ -58,11 +58,13 @@ class Sampler:
         return x
 
 
-def run(unet, settings: MonkeyArgs, **sampler_kw):
+def run(unet, settings: MonkeyArgs, **two_pass_kw):
     session = MonkeySession(settings, (SOURCE,), RowLayout.diffusers(2, cfg=True))
-    sampler = Sampler(unet, session, **sampler_kw)
+    sampler = Sampler(unet, session)
     monkey = DiffusersMonkey(unet, session)
-    result = run_two_pass(session, sampler, reset_noise=sampler.reset_noise, hooks=monkey.hooks)
+    result = run_two_pass(
+        session, sampler, reset_noise=sampler.reset_noise, hooks=monkey.hooks, **two_pass_kw
+    )
     return result, sampler, monkey, session
 
 
@@ -112,16 +114,7 @@ def test_an_error_inside_a_pass_leaves_nothing_patched(unet, phase):
 
 
 def test_cancel_between_passes_returns_pass_one(unet):
-    session = MonkeySession(MonkeyArgs(), (SOURCE,), RowLayout.diffusers(2, cfg=True))
-    sampler = Sampler(unet, session)
-    monkey = DiffusersMonkey(unet, session)
-    result = run_two_pass(
-        session,
-        sampler,
-        reset_noise=sampler.reset_noise,
-        hooks=monkey.hooks,
-        cancelled=lambda: True,
-    )
+    result, sampler, monkey, _ = run(unet, MonkeyArgs(), cancelled=lambda: True)
     assert result.skipped_reason == "interrupted after pass 1"
     assert result.samples is result.first
     assert {phase for phase, _ in sampler.calls} == {"record"}
@@ -143,16 +136,7 @@ def test_nothing_recorded_and_pass_one_not_final_samples_plainly_again(unet):
     plain = Sampler(unet, None)()
     set_ip_scale(unet, 0.0)
     try:
-        session = MonkeySession(MonkeyArgs(), (SOURCE,), RowLayout.diffusers(2, cfg=True))
-        sampler = Sampler(unet, session)
-        monkey = DiffusersMonkey(unet, session)
-        result = run_two_pass(
-            session,
-            sampler,
-            reset_noise=sampler.reset_noise,
-            hooks=monkey.hooks,
-            first_is_final=False,
-        )
+        result, sampler, _, _ = run(unet, MonkeyArgs(), first_is_final=False)
         no_ip = Sampler(unet, None)()
     finally:
         set_ip_scale(unet, 1.0)
