@@ -593,3 +593,27 @@ def test_controlnet_hooks_it_cannot_read_are_left_alone_with_a_message(webui, mo
     processed = generate(webui, p)
     assert torch.equal(latents(p), latents(plain))
     assert "cannot read sd-webui-controlnet's IP-Adapter hooks" in processed.infotexts[0]
+
+
+def test_a_sample_wrapper_left_under_another_is_inert(webui):
+    p = make_p(webui, ON, **SIZE)
+    webui.state.reset()
+    p.scripts.process(p)
+    p.scripts.process_batch(p)
+    ours = p.sample
+    p.sample = lambda *a, **k: ours(*a, **k)  # another extension wraps on top of MONKEY
+    p.iteration, p.prompts, p.seeds, p.subseeds = 0, ["x"], [1], [0]
+    p.rng = webui.rng.ImageRNG((4, 16, 16), p.seeds)
+    p.setup_conds()
+    kwargs = {
+        "conditioning": p.c,
+        "unconditional_conditioning": p.uc,
+        "seeds": p.seeds,
+        "subseeds": p.subseeds,
+        "subseed_strength": 0,
+        "prompts": p.prompts,
+    }
+    p.sample(**kwargs)
+    assert p.controlnet.process_sample_calls == 2  # the two passes
+    p.sample(**kwargs)
+    assert p.controlnet.process_sample_calls == 3  # afterwards: straight through, one pass

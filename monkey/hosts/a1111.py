@@ -57,7 +57,6 @@ class BatchOutcome:
     offset: int
     n_images: int
     masks: MaskSet | None
-    reason: str | None
     first_images: list = field(default_factory=list)
 
 
@@ -101,6 +100,8 @@ class MonkeyRun:
 
         def make(original: Callable) -> Callable:
             def monkey_sample(*args, **kwargs):
+                if not patch.installed:  # left under someone else's wrapper: stay inert
+                    return original(*args, **kwargs)
                 try:
                     return self.sample_batch(p, original, args, kwargs)
                 finally:
@@ -163,10 +164,8 @@ class MonkeyRun:
                 f"source unit {index} does not exist ({len(adapters)} IP-Adapter unit(s)); using unit 0",
             )
             index = 0
-        source = adapters[index] if adapters else None
-        available = sorted(
-            {hack.layer for hack in hacks if source is None or hack.adapter is source}
-        )
+        source = adapters[index]
+        available = sorted({hack.layer for hack in hacks if hack.adapter is source})
         try:
             layers = layer_tables.source_layers(self.settings.layers, available)
         except KeyError as error:
@@ -202,7 +201,7 @@ class MonkeyRun:
 
     def _record(self, p: Any, session: MonkeySession, result) -> None:
         n_images = session.layout.n_images
-        outcome = BatchOutcome(session.image_offset, n_images, result.masks, result.skipped_reason)
+        outcome = BatchOutcome(session.image_offset, n_images, result.masks)
         if result.masks is None:
             self.note(
                 p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {result.skipped_reason}"
