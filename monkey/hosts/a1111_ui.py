@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..args import AUTO, MAX_TOKEN, MonkeyArgs, MonkeyArgsError, labels, names, parse_field, spec
+from ..args import AUTO, MonkeyArgs, MonkeyArgsError, labels, names, parse_field, spec
 from ..layers import SD1, SDXL
 from ..version import __version__
 from . import a1111
@@ -211,7 +211,7 @@ def add_xyz_axes() -> None:
                 str,
                 _xyz_apply("token"),
                 confirm=_xyz_confirm("token"),
-                choices=lambda: [AUTO, *(str(i) for i in range(min(16, MAX_TOKEN + 1)))],
+                choices=lambda: list(TOKEN_CHOICES),
             ),
             xyz.AxisOption(
                 "[MONKEY] Layer",
