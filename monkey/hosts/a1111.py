@@ -131,12 +131,13 @@ class MonkeyRun:
                 p, "no active IP-Adapter unit (enable a ControlNet unit with an ip-adapter model)"
             )
             return original(*args, **kwargs)
-        if not controlnet.units(hacks):
+        adapters = controlnet.units(hacks)
+        if not adapters:
             self.skip(
                 p, "cannot read sd-webui-controlnet's IP-Adapter hooks (unsupported version?)"
             )
             return original(*args, **kwargs)
-        session, source = self._session(p, hacks, kwargs.get("conditioning"))
+        session, source = self._session(p, hacks, adapters, kwargs.get("conditioning"))
         hooks = HookSet(controlnet.patches(hacks, session, source))
         hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
         hooks.add(_denoiser_callback(session))
@@ -155,8 +156,7 @@ class MonkeyRun:
         self._record(p, session, result)
         return result.samples
 
-    def _session(self, p: Any, hacks: list[controlnet.IPHack], conditioning: Any):
-        adapters = controlnet.units(hacks)
+    def _session(self, p: Any, hacks: list[controlnet.IPHack], adapters: list, conditioning: Any):
         index = self.settings.source_unit
         if index >= len(adapters):
             self.note(
