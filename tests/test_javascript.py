@@ -11,19 +11,58 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "javascript" / "monkey.js"
 
+# A fake DOM shaped like the WebUI's: the InputAccordion itself carries the `enabled` id and
+# contains the other controls, so a script that only looks at its own control's children
+# cannot pass. querySelectorAll returns matching descendants in document order, as the real
+# DOM does; selectors it does not understand throw rather than silently match nothing.
 HARNESS = r"""
 const fs = require("fs");
-function el(id) { return { id, title: "", attrs: {}, children: [],
-  querySelectorAll() { return this.children; },
-  getAttribute(k) { return this.attrs[k]; }, setAttribute(k, v) { this.attrs[k] = v; } }; }
-const label = el("label");
-const slider = el("script_txt2img_monkey_threshold"); slider.children = [label];
-const holder = el("hints"); holder.attrs["data-hints"] = process.argv[2];
-const present = process.argv[3] === "1";
-const app = {
-  querySelectorAll(sel) { return present && !holder.attrs["data-monkey-applied"] ? [holder] : []; },
-  querySelector(sel) { return sel === "#script_txt2img_monkey_threshold" ? slider : null; },
-};
+const config = JSON.parse(process.argv[2]);
+const named = {};
+function matches(node, selector) {
+  return selector.split(",").some((part) => {
+    const m = /^([a-z-]+)?(?:#([\w-]+))?(?:\.([\w-]+))?(?::not\(\[([\w-]+)\]\))?$/.exec(part.trim());
+    if (!m) throw new Error("fake DOM cannot match " + part);
+    const [, tag, id, cls, notAttr] = m;
+    return (!tag || node.tagName === tag.toUpperCase()) && (!id || node.id === id)
+      && (!cls || node.classes.includes(cls)) && (!notAttr || !(notAttr in node.attrs));
+  });
+}
+function el(name, tag, opts, children) {
+  const node = { name, tagName: tag.toUpperCase(), id: (opts && opts.id) || "",
+    classes: (opts && opts.classes) || [], attrs: {}, children: children || [], parentElement: null,
+    get title() { return this.attrs.title || ""; },
+    set title(v) { this.attrs.title = String(v); },
+    getAttribute(k) { return k in this.attrs ? this.attrs[k] : null; },
+    setAttribute(k, v) { this.attrs[k] = String(v); },
+    querySelectorAll(selector) {
+      const found = [];
+      (function walk(n) { n.children.forEach((c) => { if (matches(c, selector)) found.push(c); walk(c); }); })(this);
+      return found;
+    },
+    querySelector(selector) { return this.querySelectorAll(selector)[0] || null; },
+  };
+  node.children.forEach((c) => { c.parentElement = node; });
+  named[name] = node;
+  return node;
+}
+const holder = el("holder", "div", { classes: ["monkey-hints"] });
+holder.attrs["data-hints"] = JSON.stringify(config.hints);
+const accordion = el("accordion", "div", { id: "script_txt2img_monkey_enabled", classes: ["input-accordion"] }, [
+  el("header", "label", {}, [el("header.span", "span"), el("header.input", "input")]),
+  el("row", "div", {}, [
+    el("threshold", "div", { id: "script_txt2img_monkey_threshold" }, [
+      el("threshold.label", "label", {}, [el("threshold.span", "span")]),
+      el("threshold.input", "input"),
+    ]),
+    el("thresholds", "div", { id: "script_txt2img_monkey_thresholds" }, [
+      el("thresholds.label", "label", {}, [el("thresholds.span", "span"), el("thresholds.textarea", "textarea")]),
+    ]),
+  ]),
+  holder,
+]);
+const app = el("app", "div", {}, config.present ? [accordion] : []);
+Object.entries(config.foreign || {}).forEach(([name, title]) => { named[name].title = title; });
 globalThis.CSS = { escape: (s) => s };
 globalThis.gradioApp = () => app;
 const hooks = [];
@@ -31,13 +70,39 @@ globalThis.onUiLoaded = (f) => hooks.push(f);
 globalThis.onUiUpdate = (f) => hooks.push(f);
 eval(fs.readFileSync(process.argv[1], "utf8"));
 hooks.forEach((f) => f()); hooks.forEach((f) => f());
-console.log(JSON.stringify({ slider: slider.title, label: label.title, applied: holder.attrs["data-monkey-applied"] || null }));
+const titles = {};
+Object.values(named).forEach((n) => { if (n !== holder) titles[n.name] = n.title; });
+console.log(JSON.stringify({ titles, applied: holder.getAttribute("data-monkey-applied") }));
 """
 
+ENABLED = "script_txt2img_monkey_enabled"
+THRESHOLD = "script_txt2img_monkey_threshold"
+THRESHOLDS = "script_txt2img_monkey_thresholds"
+HINTS = {
+    ENABLED: "Run MONKEY's two passes on the IP-Adapter units.",
+    THRESHOLD: "Pixels at or above this are subject.",
+    THRESHOLDS: "One threshold per image.",
+}
+OWNER = {  # each fake element -> the hinted control whose help it must show
+    "accordion": ENABLED,
+    "header": ENABLED,
+    "header.span": ENABLED,
+    "header.input": ENABLED,
+    "threshold": THRESHOLD,
+    "threshold.label": THRESHOLD,
+    "threshold.span": THRESHOLD,
+    "threshold.input": THRESHOLD,
+    "thresholds": THRESHOLDS,
+    "thresholds.label": THRESHOLDS,
+    "thresholds.span": THRESHOLDS,
+    "thresholds.textarea": THRESHOLDS,
+}
 
-def run(hints: dict, present: bool = True) -> dict:
+
+def run(hints: dict, present: bool = True, foreign: dict | None = None) -> dict:
+    config = {"hints": hints, "present": present, "foreign": foreign or {}}
     out = subprocess.run(
-        ["node", "-e", HARNESS, str(SCRIPT), json.dumps(hints), "1" if present else "0"],
+        ["node", "-e", HARNESS, str(SCRIPT), json.dumps(config)],
         capture_output=True,
         text=True,
         check=True,
@@ -49,14 +114,15 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is no
 
 
 def test_tooltips_come_from_the_hints_element():
-    result = run({"script_txt2img_monkey_threshold": "Pixels at or above this are subject."})
-    assert result == {
-        "slider": "Pixels at or above this are subject.",
-        "label": "Pixels at or above this are subject.",
-        "applied": "1",
-    }
+    result = run({THRESHOLD: HINTS[THRESHOLD]})
+    assert result["applied"] == "1"
+    for name in ("threshold", "threshold.label", "threshold.span", "threshold.input"):
+        assert result["titles"][name] == HINTS[THRESHOLD]
+    assert result["titles"]["thresholds.textarea"] == ""
 
 
 def test_missing_elements_are_retried_and_absent_accordions_are_fine():
     assert run({"script_img2img_monkey_threshold": "x"})["applied"] is None
-    assert run({}, present=False) == {"slider": "", "label": "", "applied": None}
+    result = run({}, present=False)
+    assert result["applied"] is None
+    assert not any(result["titles"].values())
