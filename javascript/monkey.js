@@ -8,6 +8,25 @@
         return typeof gradioApp === "function" ? gradioApp() : document;
     }
 
+    function nearestHinted(node, hints) {
+        for (let current = node; current; current = current.parentElement) {
+            if (current.id && Object.prototype.hasOwnProperty.call(hints, current.id)) {
+                return current;
+            }
+        }
+        return null;
+    }
+
+    // A title is MONKEY's to change only if it is empty or MONKEY set it (recorded in
+    // data-monkey-title); the WebUI's hints.js and other extensions keep theirs.
+    function setHint(node, text) {
+        if (node.title && node.title !== node.getAttribute("data-monkey-title")) {
+            return;
+        }
+        node.title = text;
+        node.setAttribute("data-monkey-title", text);
+    }
+
     function applyMonkeyHints() {
         const app = root();
         if (!app || !app.querySelectorAll) {
@@ -28,10 +47,12 @@
                     missing += 1;
                     return;
                 }
-                element.title = hints[id];
+                setHint(element, hints[id]);
+                // The enabled hint sits on the accordion, which contains every other control:
+                // a child takes the hint of its nearest hinted ancestor, whatever the key order.
                 element.querySelectorAll("label, span, input, textarea").forEach(function (child) {
-                    if (!child.title) {
-                        child.title = hints[id];
+                    if (nearestHinted(child, hints) === element) {
+                        setHint(child, hints[id]);
                     }
                 });
             });

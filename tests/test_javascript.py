@@ -63,6 +63,9 @@ const accordion = el("accordion", "div", { id: "script_txt2img_monkey_enabled", 
 ]);
 const app = el("app", "div", {}, config.present ? [accordion] : []);
 Object.entries(config.foreign || {}).forEach(([name, title]) => { named[name].title = title; });
+Object.entries(config.earlier || {}).forEach(([name, title]) => {
+  named[name].title = title; named[name].setAttribute("data-monkey-title", title);
+});
 globalThis.CSS = { escape: (s) => s };
 globalThis.gradioApp = () => app;
 const hooks = [];
@@ -99,8 +102,16 @@ OWNER = {  # each fake element -> the hinted control whose help it must show
 }
 
 
-def run(hints: dict, present: bool = True, foreign: dict | None = None) -> dict:
-    config = {"hints": hints, "present": present, "foreign": foreign or {}}
+def run(
+    hints: dict, present: bool = True, foreign: dict | None = None, earlier: dict | None = None
+) -> dict:
+    """``foreign``: titles another source set first; ``earlier``: titles MONKEY set before."""
+    config = {
+        "hints": hints,
+        "present": present,
+        "foreign": foreign or {},
+        "earlier": earlier or {},
+    }
     out = subprocess.run(
         ["node", "-e", HARNESS, str(SCRIPT), json.dumps(config)],
         capture_output=True,
@@ -126,3 +137,25 @@ def test_missing_elements_are_retried_and_absent_accordions_are_fine():
     result = run({}, present=False)
     assert result["applied"] is None
     assert not any(result["titles"].values())
+
+
+@pytest.mark.parametrize("order", ["outer_first", "outer_last"])
+def test_each_control_shows_its_own_hint_inside_the_accordion(order):
+    hints = dict(HINTS) if order == "outer_first" else dict(reversed(HINTS.items()))
+    result = run(hints)
+    assert result["applied"] == "1"
+    assert result["titles"] == {"app": "", "row": "", **{k: HINTS[v] for k, v in OWNER.items()}}
+
+
+def test_titles_set_by_others_are_kept():
+    foreign = {"thresholds.textarea": "from another extension", "header.span": "from the WebUI"}
+    result = run(HINTS, foreign=foreign)
+    for name, title in foreign.items():
+        assert result["titles"][name] == title
+    assert result["titles"]["thresholds.span"] == HINTS[THRESHOLDS]
+
+
+def test_titles_monkey_set_before_are_corrected():
+    result = run(HINTS, earlier={"threshold.span": HINTS[ENABLED], "thresholds": "old help"})
+    assert result["titles"]["threshold.span"] == HINTS[THRESHOLD]
+    assert result["titles"]["thresholds"] == HINTS[THRESHOLDS]
