@@ -14,7 +14,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .attention import SCALES as ATTENTION_SCALES
+
 AUTO = "auto"
+DEFAULT = "default"
+ALL = "all"
 INFOTEXT_PREFIX = "MONKEY"
 VERSION_LABEL = f"{INFOTEXT_PREFIX} version"
 STATUS_LABEL = f"{INFOTEXT_PREFIX} status"
@@ -23,7 +27,16 @@ Threshold = float | str
 """A binarisation threshold in [0, 1], or ``"auto"`` for Otsu's threshold of that image's map."""
 
 Token = int | str
-"""An IP image-token index, or ``"auto"`` for the token whose map separates best."""
+"""An IP image-token index, ``"auto"`` for the token whose map separates best, or ``"default"``:
+token 1 (the paper's) on 4-token adapters, ``"auto"`` on any other."""
+
+PAPER_TOKEN = 1
+PAPER_TOKENS = 4
+"""The paper chose token 1 on ip-adapter_sd15, whose image embedding has 4 tokens."""
+
+RecordSteps = int | str
+"""How many pass-1 steps feed the mask: k spread over the record window, or ``"all"``."""
+
 
 
 class MonkeyArgsError(ValueError):
@@ -139,10 +152,28 @@ def _layers(value: Any) -> tuple[str, ...]:
 MAX_TOKEN = 1023
 
 
-def _token(value: Any) -> Token:
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
-    return _int_in(0, MAX_TOKEN)(value)
+def _word_or(words: tuple[str, ...], parse: Parser) -> Parser:
+    """``parse``, or one of ``words`` (case and surrounding spaces ignored)."""
+
+    def parse_word(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in words:
+            return value.strip().lower()
+        return parse(value)
+
+    return parse_word
+
+
+def _choice(words: tuple[str, ...]) -> Parser:
+    def reject(_value: Any) -> Any:
+        raise _Reject
+
+    return _word_or(words, reject)
+
+
+_token = _word_or((AUTO, DEFAULT), _int_in(0, MAX_TOKEN))
+
+MAX_STEPS = 1000
+_record_steps = _word_or((ALL,), _int_in(1, MAX_STEPS))
 
 
 _UNIT = "a number from 0.0 to 1.0"
@@ -181,26 +212,28 @@ class MonkeyArgs:
         "'default' is the paper's layer (SD1.x) or its SDXL equivalent.",
     )
     token: Token = _spec(
-        1,
+        DEFAULT,
         "token",
         _token,
-        f"an integer from 0 to {MAX_TOKEN}, or 'auto'",
-        "IP image token whose attention is the mask (paper: 1); 'auto' picks, per image, the token "
-        "whose map splits into foreground and background most clearly.",
+        f"'default', 'auto' or an integer from 0 to {MAX_TOKEN} (below the adapter's token count)",
+        "IP image token whose attention is the mask. 'default': token 1 (the paper's) on 4-token "
+        "adapters, 'auto' on others; 'auto' picks, per image, the token whose map splits into "
+        "foreground and background most clearly.",
     )
     record_start: float = _spec(
         0.25,
         "record start",
         _float_in(0.0, 1.0),
         _UNIT,
-        "Start of the pass-1 steps that are recorded, as a fraction of the schedule.",
+        "Start of the pass-1 window the mask is recorded in, as a fraction of pass 1's steps.",
     )
     record_end: float = _spec(
         0.75,
         "record end",
         _float_in(0.0, 1.0),
         _UNIT,
-        "End (exclusive) of the recorded pass-1 steps; pass 1 stops right after them.",
+        "End (exclusive) of the pass-1 record window; pass 1 stops right after its last recorded "
+        "step.",
     )
     apply_start: float = _spec(
         0.25,
@@ -264,6 +297,32 @@ class MonkeyArgs:
         _as_bool,
         "true or false",
         "Save each mask next to its image with a -monkey-mask suffix.",
+    )
+    # Settings added after the first release go last, so API lists in UI order keep working.
+    attention_scale: str = _spec(
+        "reference",
+        "attention scale",
+        _choice(ATTENTION_SCALES),
+        "'reference' or 'sdpa'",
+        "'reference': the recorded map is softmax(q·kᵀ) without 1/√d, as the paper's code "
+        "records it (its threshold was tuned on these sharper maps); 'sdpa': the attention the "
+        "model actually uses, softmax(q·kᵀ/√d).",
+    )
+    record_steps: RecordSteps = _spec(
+        2,
+        "record steps",
+        _record_steps,
+        f"an integer from 1 to {MAX_STEPS}, or 'all'",
+        "How many pass-1 steps feed the mask, spread evenly over the record window (paper: 2); "
+        "'all' unions every step of the window.",
+    )
+    pass1_steps: float = _spec(
+        0.5,
+        "pass 1 steps",
+        _float_in(0.0, 1.0),
+        f"{_UNIT} (a fraction of the steps; at least 2 steps)",
+        "Length of pass 1's own schedule as a fraction of the generation's steps (paper: 0.5, "
+        "4 steps against 8); 1.0 runs pass 1 on pass 2's schedule.",
     )
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import masks as M
-from .args import AUTO, MonkeyArgs
+from .args import MonkeyArgs
 from .recorder import RecordedMaps
 
 PX_PER_LATENT = 8
@@ -68,13 +68,13 @@ def build(recorded: RecordedMaps, args: MonkeyArgs, image_offset: int = 0) -> Ma
     step (per-image threshold or Otsu), and take the union over steps."""
     maps = recorded.maps.float()
     n_images, n_steps = maps.shape[:2]
-    all_tokens = args.token == AUTO
+    all_tokens = recorded.token is None
     hw = maps.shape[-2:]
     flat = maps.reshape(n_images, n_steps, *(maps.shape[2:3] if all_tokens else ()), -1)
     binary, statuses, thresholds, tokens = [], [], [], []
     for image in range(n_images):
         norm, valid = M.minmax_normalize(flat[image])
-        token = args.token
+        token = recorded.token
         if all_tokens:
             token = M.best_token(norm, valid)
             norm, valid = norm[:, token], valid[:, token]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import token_maps
+from .args import AUTO, DEFAULT, PAPER_TOKEN, PAPER_TOKENS, MonkeyArgsError, Token
+from .attention import logit_scale, token_maps
 from .masks import layer_size
 from .rows import Rows
 
@@ -23,19 +24,58 @@ class RecordedMaps:
     image had no cond row at a step."""
     steps: tuple[int, ...]
     latent_hw: tuple[int, int]
+    token: int | None
+    """The token recorded, or None when every token was (``auto``: chosen per image later)."""
+    tokens: int
+    """The adapter's image-token count."""
+
+
+def resolve_token(token: Token, tokens: int) -> int | None:
+    """The token to record for an adapter with ``tokens`` image tokens; None records them all.
+
+    ``default`` is the paper's token 1 on 4-token adapters (ip-adapter_sd15, SDXL base) and
+    ``auto`` on any other (Plus 16, full-face 257, FaceID ...), whose token 1 means nothing
+    in particular.
+    """
+    if token == AUTO:
+        return None
+    if token == DEFAULT:
+        return PAPER_TOKEN if tokens == PAPER_TOKENS else None
+    if not 0 <= int(token) < tokens:
+        raise MonkeyArgsError(
+            "token",
+            token,
+            f"'default', 'auto' or an integer from 0 to {tokens - 1}: this IP-Adapter has "
+            f"{tokens} image tokens",
+        )
+    return int(token)
 
 
 class MapRecorder:
-    def __init__(self, layers: tuple[str, ...], token: int | None, n_images: int):
+    def __init__(
+        self,
+        layers: tuple[str, ...],
+        token: Token,
+        n_images: int,
+        attention_scale: str = "sdpa",
+    ):
         if not layers:
             raise ValueError("the recorder needs at least one source layer")
         self.layers = frozenset(layers)
         self.token = token
+        self.attention_scale = attention_scale
         self.n_images = n_images
+        self._resolved: tuple[int, int | None] | None = None
+        """(token count, token recorded), fixed by the first observed call."""
         self._sums: dict[tuple[int, str], torch.Tensor] = {}
         self._counts: dict[tuple[int, str], torch.Tensor] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._latent_hw: tuple[int, int] | None = None
+
+    @property
+    def token_count(self) -> int | None:
+        """The source adapter's image-token count, once a call was observed."""
+        return self._resolved[0] if self._resolved else None
 
     @property
     def has_data(self) -> bool:
@@ -57,9 +97,19 @@ class MapRecorder:
             return
         device = query.device
         cond_dev = cond.to(device)
+        tokens = ip_key.shape[2]
+        if self._resolved is None:
+            self._resolved = (tokens, resolve_token(self.token, tokens))
+        elif self._resolved[0] != tokens:
+            raise ValueError(
+                f"the source unit's IP keys changed from {self._resolved[0]} to {tokens} tokens"
+            )
         with torch.no_grad():
             maps = token_maps(
-                query.index_select(0, cond_dev), ip_key.index_select(0, cond_dev), self.token
+                query.index_select(0, cond_dev),
+                ip_key.index_select(0, cond_dev),
+                self._resolved[1],
+                logit_scale(self.attention_scale, query.shape[-1]),
             )
         self._sizes[layer] = layer_size(query.shape[2], rows.latent_hw)
         self._latent_hw = rows.latent_hw
@@ -101,7 +151,10 @@ class MapRecorder:
             total = (torch.stack(grids) * torch.stack(seen)).sum(dim=0)
             nan = torch.full_like(total, float("nan"))  # an image with no cond row at this step
             per_step.append(torch.where(weight > 0, total / weight.clamp_min(1.0), nan))
-        return RecordedMaps(torch.stack(per_step, dim=1), self.steps(), self._latent_hw)
+        tokens, token = self._resolved
+        return RecordedMaps(
+            torch.stack(per_step, dim=1), self.steps(), self._latent_hw, token, tokens
+        )
 
     @staticmethod
     def _to_grid(maps: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:

@@ -12,11 +12,12 @@ from enum import Enum
 import torch
 
 from . import maskset
-from .args import AUTO, MonkeyArgs
+from .args import MonkeyArgs
 from .masks import row_weights
 from .maskset import MaskSet
 from .recorder import MapRecorder
 from .rows import RowLayout, Rows, RowTracker
+from .steps import StepClock, StepPlan
 
 
 class Phase(str, Enum):
@@ -34,9 +35,7 @@ class IPAction(str, Enum):
     """No IP-Adapter contribution at this step."""
 
 
-def in_window(step: int, total: int, start: float, end: float) -> bool:
-    """Step ``step`` of ``total`` lies in ``[start, end)`` as a fraction of the schedule."""
-    return total > 0 and start <= step / total < end
+_NO_PLAN = StepPlan(0, (), range(0))
 
 
 class MonkeySession:
@@ -53,12 +52,19 @@ class MonkeySession:
         self.layout = layout
         self.image_offset = image_offset
         self.rows = RowTracker(layout)
-        token = None if args.token == AUTO else int(args.token)
-        self.recorder = MapRecorder(tuple(source_layers), token, layout.n_images)
+        self.recorder = MapRecorder(
+            tuple(source_layers), args.token, layout.n_images, args.attention_scale
+        )
         self.masks: MaskSet | None = None
         self.phase = Phase.IDLE
         self.step = 0
         self.total = 0
+        self.clock: StepClock | None = None
+        """The sampler's own schedule, where the host can read it; else it counts steps itself."""
+        self.plans: dict[Phase, StepPlan] = {}
+        """The plan of each pass's current sampler run."""
+        self.history: list[tuple[Phase, StepPlan]] = []
+        """Every sampler run's plan in order: pass 1, pass 2 and its hires pass."""
         self._weights: dict[tuple, torch.Tensor] = {}
 
     # -- clock ----------------------------------------------------------------------------------
@@ -68,6 +74,8 @@ class MonkeySession:
             raise RuntimeError("pass 2 needs masks; call build_masks() first")
         self.phase = phase
         self.step, self.total = 0, 0
+        self.clock = None
+        self.plans.pop(phase, None)
         self.rows.new_denoiser_call()
 
     def end(self) -> None:
@@ -78,9 +86,32 @@ class MonkeySession:
         return self.phase is not Phase.IDLE
 
     def begin_step(self, step: int, total: int) -> None:
-        """A new denoiser call at ``step`` of ``total`` (rows are counted from here)."""
+        """A new denoiser call at sampler step ``step`` of ``total`` (rows are counted from here)."""
         self.step, self.total = step, total
+        if self.active and (self.phase not in self.plans or self.plan.total != total):
+            self.plans[self.phase] = StepPlan.of(
+                total,
+                (self.args.record_start, self.args.record_end),
+                self.args.record_steps,
+                (self.args.apply_start, self.args.apply_end),
+            )
+            self.history.append((self.phase, self.plan))
         self.rows.new_denoiser_call()
+
+    def use_schedule(self, clock: StepClock | None) -> None:
+        """A sampler run starts on this schedule (None: the host counts steps itself)."""
+        self.clock = clock
+        self.plans.pop(self.phase, None)
+
+    def begin_level(self, level: float) -> None:
+        """A new denoiser call at noise level ``level`` of the schedule given to ``use_schedule``."""
+        if self.clock is None:
+            raise RuntimeError("no schedule: call use_schedule() first")
+        self.begin_step(self.clock.step_at(level), self.clock.total)
+
+    @property
+    def plan(self) -> StepPlan:
+        return self.plans.get(self.phase) or _NO_PLAN
 
     def begin_unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
         self._weights.clear()
@@ -88,11 +119,12 @@ class MonkeySession:
 
     def should_stop(self) -> bool:
         """Pass 1 has recorded and passed its window: the host may end it here."""
+        last = self.plan.last_record
         return (
             self.phase is Phase.RECORD
             and self.recorder.has_data
-            and self.total > 0
-            and self.step / self.total >= self.args.record_end
+            and last is not None
+            and self.step > last
         )
 
     # -- per layer ------------------------------------------------------------------------------
@@ -101,7 +133,7 @@ class MonkeySession:
         return (
             self.phase is Phase.RECORD
             and layer in self.source_layers
-            and in_window(self.step, self.total, self.args.record_start, self.args.record_end)
+            and self.step in self.plan.record
         )
 
     def observe(self, layer: str, query: torch.Tensor, ip_key: torch.Tensor) -> None:
@@ -112,7 +144,7 @@ class MonkeySession:
     def ip_action(self) -> IPAction:
         if self.phase is not Phase.APPLY:
             return IPAction.PLAIN
-        if in_window(self.step, self.total, self.args.apply_start, self.args.apply_end):
+        if self.step in self.plan.apply:
             return IPAction.MASKED
         return IPAction.OFF if self.args.ip_off_outside else IPAction.PLAIN
 

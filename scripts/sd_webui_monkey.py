@@ -34,6 +34,9 @@ class MonkeyScript(scripts.Script):
     def process_batch(self, p, *args, **kwargs):
         a1111.before_batch(p)
 
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        a1111.before_sampling(p)
+
     def postprocess(self, p, processed, *args):
         a1111.finish(p, processed)
 

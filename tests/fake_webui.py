@@ -10,7 +10,9 @@ is real torch.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import re
 import sys
 import types
@@ -67,9 +69,13 @@ class Dropdown(Component):
         self.choices = choices
 
 
+class Radio(Dropdown):
+    pass
+
+
 def make_gradio() -> types.ModuleType:
     gr = types.ModuleType("gradio")
-    gr.Slider, gr.Dropdown = Slider, Dropdown
+    gr.Slider, gr.Dropdown, gr.Radio = Slider, Dropdown, Radio
     for name in (
         "Checkbox",
         "Textbox",
@@ -269,26 +275,30 @@ def _context(rows: list[torch.Tensor], mark: float) -> torch.Tensor:
 
 
 class CFGDenoiser:
+    """``forward(x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)`` as in the WebUI:
+    ``sigma`` is the per-image noise level; rows are cond (per AND sub-prompt) then uncond."""
+
     def __init__(self, p, sampler):
         self.p, self.sampler = p, sampler
         self.step, self.steps, self.total_steps = 0, None, None
 
-    def __call__(self, x, sigma, cond, uncond, cond_scale):
+    def __call__(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
         state = sys.modules["modules.shared"].state
         if state.interrupted or state.skipped:
             raise InterruptedException
         repeats = [len(b) for b in cond.batch]
         x_in = torch.cat([torch.stack([x[i]] * n) for i, n in enumerate(repeats)] + [x])
+        sigma_in = torch.cat([torch.stack([sigma[i]] * n) for i, n in enumerate(repeats)] + [sigma])
         tensor = _context([row for rows in cond.batch for row in rows], cond.mark)
         uncond_t = _context(uncond.rows, uncond.mark)
         params = CFGDenoiserParams(
-            x_in, None, sigma, state.sampling_step, state.sampling_steps, tensor, uncond_t, self
+            x_in, None, sigma_in, state.sampling_step, state.sampling_steps, tensor, uncond_t, self
         )
         sys.modules["modules.script_callbacks"].cfg_denoiser_callback(params)
         x_in = params.x
         context = torch.cat([tensor, uncond_t])
         unet = self.p.sd_model.model.diffusion_model
-        t = torch.tensor(1000.0 * float(sigma) / 10.0)
+        t = 100.0 * sigma_in
         opts = sys.modules["modules.shared"].opts
         if opts.batch_cond_uncond:
             x_out = unet(x_in, t, context=context)
@@ -296,7 +306,7 @@ class CFGDenoiser:
             size = len(repeats)
             x_out = torch.cat(
                 [
-                    unet(x_in[a : a + size], t, context=context[a : a + size])
+                    unet(x_in[a : a + size], t[a : a + size], context=context[a : a + size])
                     for a in range(0, x_in.shape[0], size)
                 ]
             )
@@ -307,53 +317,155 @@ class CFGDenoiser:
             [cond_out[starts[i] : starts[i + 1]].mean(0) for i in range(len(repeats))]
         )
         eps = uncond_out + cond_scale * (cond_mean - uncond_out)
-        denoised = x - float(sigma) * eps
+        denoised = x - sigma[:, None, None, None] * eps
         self.sampler.last_latent = denoised
         self.step += 1
         return denoised
 
 
+# -- samplers: k-diffusion's loops, reduced to how often and at which sigma they call the model --
+
+
+_HIJACK: dict[str, Any] = {"p": None}
+"""``k_diffusion.sampling.torch = TorchHijack(p)``: ancestral noise comes from ``p.rng``."""
+
+
+def _ancestral(x, denoised, sigma, sigma_next):
+    sigma_up = min(sigma_next, (sigma_next**2 * 0.25) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    x = x + (x - denoised) / sigma * (sigma_down - sigma)
+    if sigma_next > 0:
+        x = x + _HIJACK["p"].rng.next() * sigma_up  # TorchHijack: randn_like -> p.rng.next()
+    return x
+
+
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma * s_in, **extra_args)
+        callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+        x = _ancestral(x, denoised, sigma, sigma_next)
+    return x
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Second evaluation at the *next* step's sigma, after the step's callback."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma * s_in, **extra_args)
+        d = (x - denoised) / sigma
+        callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            x_2 = x + d * (sigma_next - sigma)
+            d_2 = (x_2 - model(x_2, sigma_next * s_in, **extra_args)) / sigma_next
+            x = x + (d + d_2) / 2 * (sigma_next - sigma)
+    return x
+
+
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Second evaluation at the geometric midpoint of the step."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = model(x, sigma * s_in, **extra_args)
+        d = (x - denoised) / sigma
+        callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            mid = (sigma * sigma_next) ** 0.5
+            x_2 = x + d * (mid - sigma)
+            d_2 = (x_2 - model(x_2, mid * s_in, **extra_args)) / mid
+            x = x + d_2 * (sigma_next - sigma)
+    return x
+
+
+def sample_dpm_adaptive(
+    model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None
+):
+    """No schedule handed in; calls the model at its own, unevenly spaced sigmas (here 3 per
+    eighth of the log-sigma range, then one more past the end)."""
+    s_in = x.new_ones([x.shape[0]])
+    levels = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), 25)).tolist()
+    for i, (sigma, sigma_next) in enumerate(zip(levels, [*levels[1:], 0.0])):
+        denoised = model(x, sigma * s_in, **extra_args)
+        x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
+    return x
+
+
+@dataclass
+class SamplerData:
+    name: str
+    funcname: str
+    options: dict = field(default_factory=dict)
+
+    def total_steps(self, steps):
+        return steps * 2 if self.options.get("second_order") else steps
+
+
+SAMPLERS = {
+    data.name: data
+    for data in (
+        SamplerData("Euler a", "sample_euler_ancestral"),
+        SamplerData("Heun", "sample_heun", {"second_order": True}),
+        SamplerData("DPM2", "sample_dpm_2", {"second_order": True}),
+        SamplerData("DPM adaptive", "sample_dpm_adaptive"),
+    )
+}
+
+
 class Sampler:
-    def __init__(self, p):
-        self.p = p
+    """``KDiffusionSampler``: the schedule is handed to ``self.func`` as keyword arguments."""
+
+    def __init__(self, p, config: SamplerData):
+        self.p, self.config = p, config
+        self.funcname = config.funcname
+        self.func = globals()[config.funcname]
         self.model_wrap_cfg = CFGDenoiser(p, self)
         self.last_latent = None
         self.stop_at = None
 
-    def callback_state(self, i):
+    def callback_state(self, d):
         state = sys.modules["modules.shared"].state
-        if self.stop_at is not None and i > self.stop_at:
+        if self.stop_at is not None and d["i"] > self.stop_at:
             raise InterruptedException
-        state.sampling_step = i
+        state.sampling_step = d["i"]
 
     def launch_sampling(self, steps, func):
         state = sys.modules["modules.shared"].state
         self.model_wrap_cfg.steps = steps
-        self.model_wrap_cfg.total_steps = steps
+        self.model_wrap_cfg.total_steps = self.config.total_steps(steps)
+        self.model_wrap_cfg.step = 0
+        _HIJACK["p"] = self.p
         state.sampling_steps, state.sampling_step = steps, 0
         try:
             return func()
         except InterruptedException:
             return self.last_latent
 
-    def _run(self, p, x, sigmas, cond, uncond):
-        def loop():
-            nonlocal x
-            for i in range(len(sigmas) - 1):
-                denoised = self.model_wrap_cfg(x, sigmas[i], cond, uncond, p.cfg_scale)
-                sigma_up = min(float(sigmas[i + 1]), (float(sigmas[i + 1]) ** 2 * 0.25) ** 0.5)
-                sigma_down = (float(sigmas[i + 1]) ** 2 - sigma_up**2) ** 0.5
-                x = x + (x - denoised) / float(sigmas[i]) * (sigma_down - float(sigmas[i]))
-                if float(sigmas[i + 1]) > 0:
-                    x = x + p.rng.next() * sigma_up  # TorchHijack: randn_like -> p.rng.next()
-                self.callback_state(i)
-            return x
+    def get_sigmas(self, p, steps):
+        return torch.cat([torch.linspace(10.0, 0.2, steps), torch.zeros(1)])
 
-        return self.launch_sampling(len(sigmas) - 1, loop)
+    def _launch(self, p, x, sigmas, cond, uncond):
+        extra_args = {"cond": cond, "uncond": uncond, "cond_scale": p.cfg_scale}
+        kwargs = {"extra_args": extra_args, "disable": False, "callback": self.callback_state}
+        parameters = inspect.signature(self.func).parameters
+        if "sigmas" in parameters:
+            kwargs["sigmas"] = sigmas
+        else:
+            kwargs["sigma_min"], kwargs["sigma_max"] = float(sigmas[-2]), float(sigmas[0])
+        return self.launch_sampling(
+            len(sigmas) - 1, lambda: self.func(self.model_wrap_cfg, x, **kwargs)
+        )
 
     def sample(self, p, x, conditioning, unconditional_conditioning, image_conditioning=None):
-        sigmas = torch.cat([torch.linspace(10.0, 0.2, p.steps), torch.zeros(1)])
-        return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning)
+        sigmas = self.get_sigmas(p, p.steps)
+        return self._launch(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning)
 
     def sample_img2img(
         self,
@@ -366,11 +478,15 @@ class Sampler:
         steps=None,
     ):
         steps = steps or p.steps
-        t_enc = max(1, int(steps * p.denoising_strength))
-        sigmas = torch.cat(
-            [torch.linspace(10.0 * p.denoising_strength, 0.2, t_enc), torch.zeros(1)]
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        sigma_sched = self.get_sigmas(p, steps)[steps - t_enc - 1 :]
+        return self._launch(
+            p, x + noise * sigma_sched[0], sigma_sched, conditioning, unconditional_conditioning
         )
-        return self._run(p, x + noise * sigmas[0], sigmas, conditioning, unconditional_conditioning)
+
+
+def create_sampler(name, model):
+    return Sampler(model.p, SAMPLERS[name])
 
 
 # -- the model, processing ------------------------------------------------------------------------
@@ -483,6 +599,7 @@ class StableDiffusionProcessingTxt2Img:
         width=64,
         height=64,
         cfg_scale=4.0,
+        sampler_name="Euler a",
         enable_hr=False,
         hr_scale=2.0,
         denoising_strength=0.6,
@@ -498,6 +615,7 @@ class StableDiffusionProcessingTxt2Img:
             steps,
         )
         self.width, self.height, self.cfg_scale = width, height, cfg_scale
+        self.sampler_name, self.hr_sampler_name = sampler_name, sampler_name
         self.enable_hr, self.hr_scale, self.denoising_strength = (
             enable_hr,
             hr_scale,
@@ -529,7 +647,7 @@ class StableDiffusionProcessingTxt2Img:
     def sample(
         self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts
     ):
-        self.sampler = Sampler(self)
+        self.sampler = Sampler(self, SAMPLERS[self.sampler_name])
         x = self.rng.next()
         self.scripts.process_before_every_sampling(
             self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning
@@ -545,6 +663,7 @@ class StableDiffusionProcessingTxt2Img:
             return samples
         self.is_hr_pass = True
         upscaled = F.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
+        self.sampler = Sampler(self, SAMPLERS[self.hr_sampler_name])
         state.nextjob()
         self.rng = ImageRNG(
             upscaled.shape[1:],
@@ -556,7 +675,6 @@ class StableDiffusionProcessingTxt2Img:
         self.scripts.process_before_every_sampling(
             self, x=upscaled, noise=noise, c=self.hr_c, uc=self.hr_uc
         )
-        self.sampler = Sampler(self)
         samples = self.sampler.sample_img2img(self, upscaled, noise, self.hr_c, self.hr_uc)
         self.is_hr_pass = False
         return samples
@@ -567,11 +685,11 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessingTxt2Img):
         super().__init__(**kwargs)
         self.init_latent = init_latent
         del self.enable_hr
+        self.sampler = Sampler(self, SAMPLERS[self.sampler_name])  # p.init(): one for all batches
 
     def sample(
         self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts
     ):
-        self.sampler = Sampler(self)
         x = self.rng.next()
         self.scripts.process_before_every_sampling(
             self, x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from monkey import args as A
-from monkey.args import AUTO, MonkeyArgs, MonkeyArgsError
+from monkey.args import ALL, AUTO, DEFAULT, MonkeyArgs, MonkeyArgsError
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
 threshold = st.one_of(unit, st.just(AUTO))
@@ -29,7 +29,7 @@ def monkey_args(draw) -> MonkeyArgs:
         threshold=draw(unit),
         thresholds=tuple(draw(st.lists(threshold, max_size=5))),
         layers=tuple(draw(st.lists(layer_name, max_size=3))),
-        token=draw(st.one_of(st.integers(0, A.MAX_TOKEN), st.just(AUTO))),
+        token=draw(st.one_of(st.integers(0, A.MAX_TOKEN), st.sampled_from([AUTO, DEFAULT]))),
         record_start=record[0],
         record_end=record[1],
         apply_start=apply[0],
@@ -42,6 +42,9 @@ def monkey_args(draw) -> MonkeyArgs:
         preview=draw(st.booleans()),
         preview_pass1=draw(st.booleans()),
         save_masks=draw(st.booleans()),
+        attention_scale=draw(st.sampled_from(["reference", "sdpa"])),
+        record_steps=draw(st.one_of(st.integers(1, A.MAX_STEPS), st.just(ALL))),
+        pass1_steps=draw(unit),
     )
 
 
@@ -72,6 +75,9 @@ NOT_DEFAULT = MonkeyArgs(
     preview=False,
     preview_pass1=True,
     save_masks=True,
+    attention_scale="sdpa",
+    record_steps=ALL,
+    pass1_steps=1.0,
 )
 
 
@@ -127,6 +133,19 @@ def test_text_values_from_infotext_and_gradio_are_coerced():
     assert MonkeyArgs(layers="default").layers == ()
     assert MonkeyArgs(layers=["default"]).layers == ()
     assert MonkeyArgs(thresholds="").thresholds == ()
+    assert MonkeyArgs(record_steps=" ALL ").record_steps == ALL
+    assert MonkeyArgs(record_steps="3").record_steps == 3
+    assert MonkeyArgs(attention_scale="SDPA").attention_scale == "sdpa"
+    assert MonkeyArgs(token="Default").token == DEFAULT
+
+
+def test_new_settings_come_after_the_first_releases_so_old_api_lists_still_parse():
+    first_release = [
+        "enabled", "threshold", "thresholds", "layers", "token", "record_start", "record_end",
+        "apply_start", "apply_end", "ip_off_outside", "outside_weight", "dilate", "feather",
+        "source_unit", "preview", "preview_pass1", "save_masks",
+    ]  # fmt: skip
+    assert list(A.names()[: len(first_release)]) == first_release
 
 
 @pytest.mark.parametrize(
@@ -145,6 +164,11 @@ def test_text_values_from_infotext_and_gradio_are_coerced():
         ("thresholds", 0.5, "'auto'"),
         ("layers", "up_blocks.1;rm", "module paths"),
         ("source_unit", None, "0 to 63"),
+        ("attention_scale", "exact", "'reference' or 'sdpa'"),
+        ("attention_scale", 1.0, "'reference' or 'sdpa'"),
+        ("record_steps", 0, "'all'"),
+        ("record_steps", "most", "'all'"),
+        ("pass1_steps", 1.5, "0.0 to 1.0"),
     ],
     ids=lambda v: str(v)[:12],
 )

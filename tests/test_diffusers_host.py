@@ -37,8 +37,11 @@ def masks_of(binary: torch.Tensor) -> MaskSet:
     return MaskSet(binary.bool(), [MaskStatus.OK] * n, [0.5] * n, [1] * n)
 
 
-def reference_maps(unet, inputs: Inputs, layer: str, token: int) -> torch.Tensor:
-    """Head-mean attention on one IP token, cond rows, via SDPA's own weights (V = identity)."""
+def reference_maps(
+    unet, inputs: Inputs, layer: str, token: int, attention_scale: str = "sdpa"
+) -> torch.Tensor:
+    """Head-mean attention on one IP token, cond rows, via SDPA's own weights (V = identity);
+    ``"reference"`` is the paper's code's map: the same softmax without 1/√d."""
     attn = unet.get_submodule(layer)
     seen = {}
 
@@ -58,7 +61,8 @@ def reference_maps(unet, inputs: Inputs, layer: str, token: int) -> torch.Tensor
     q = q.view(b, n, heads, c // heads).transpose(1, 2)
     k = k.view(b, -1, heads, c // heads).transpose(1, 2)
     eye = torch.eye(k.shape[2]).expand(b, heads, -1, -1)
-    weights = F.scaled_dot_product_attention(q, k, eye)  # softmax(q·kᵀ/√d) @ I
+    scale = 1.0 if attention_scale == "reference" else None
+    weights = F.scaled_dot_product_attention(q, k, eye, scale=scale)  # softmax(s·q·kᵀ) @ I
     cond = weights[b // 2 :]  # diffusers: uncond rows first
     return cond[..., token].mean(dim=1)
 
@@ -78,15 +82,16 @@ def test_wraps_every_ip_layer_and_nothing_else(unet):
     assert not any(isinstance(p, MonkeyIPAdapterProcessor) for p in unet.attn_processors.values())
 
 
+@pytest.mark.parametrize("scale", ["reference", "sdpa"])
 @pytest.mark.parametrize("token", [0, 1, 3], ids=lambda t: f"token{t}")
-def test_recorded_maps_equal_independent_reference(unet, inputs, token):
-    session = session_for(MonkeyArgs(token=token))
+def test_recorded_maps_equal_independent_reference(unet, inputs, token, scale):
+    session = session_for(MonkeyArgs(token=token, attention_scale=scale))
     session.begin(Phase.RECORD)
     session.begin_step(1, 4)
     with DiffusersMonkey(unet, session).hooks:
         inputs(unet)
     recorded = session.recorder.result()
-    expected = reference_maps(unet, inputs, SOURCE, token)
+    expected = reference_maps(unet, inputs, SOURCE, token, scale)
     assert recorded.maps.shape == (2, 1, 8, 8)
     torch.testing.assert_close(recorded.maps[:, 0].reshape(2, -1), expected, rtol=0, atol=1e-6)
 

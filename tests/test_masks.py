@@ -190,7 +190,7 @@ def test_per_image_thresholds_pick_the_right_images(thresholds, offset):
     gen = torch.Generator().manual_seed(len(thresholds) * 10 + offset)
     maps = torch.rand(images, 3, 6, 5, generator=gen)
     settings = MonkeyArgs(threshold=0.5, thresholds=tuple(thresholds))
-    built = build(RecordedMaps(maps, (1, 2, 3), (12, 10)), settings, image_offset=offset)
+    built = build(RecordedMaps(maps, (1, 2, 3), (12, 10), 1, 4), settings, image_offset=offset)
     assert built.binary.shape == (images, 6, 5)
     for image in range(images):
         norm, valid = M.minmax_normalize(maps[image].reshape(3, -1))
@@ -201,12 +201,12 @@ def test_per_image_thresholds_pick_the_right_images(thresholds, offset):
 def test_auto_token_picks_the_token_that_separates():
     maps = torch.rand(1, 2, 4, 8, 8) * 0.01  # [images, steps, tokens, h, w]: tokens 0, 1, 3 noise
     maps[0, :, 2, :4, :] += 1.0  # token 2: a clean half-image subject
-    built = build(RecordedMaps(maps, (1, 2), (16, 16)), MonkeyArgs(token=AUTO))
+    built = build(RecordedMaps(maps, (1, 2), (16, 16), None, 4), MonkeyArgs(token=AUTO))
     assert built.tokens == [2]
     assert built.binary[0, :4].all() and not built.binary[0, 4:].any()
 
 
 def test_unseen_step_maps_fall_back_to_a_full_mask():
     maps = torch.full((1, 2, 4, 4), float("nan"))
-    built = build(RecordedMaps(maps, (1, 2), (8, 8)), MonkeyArgs())
+    built = build(RecordedMaps(maps, (1, 2), (8, 8), 1, 4), MonkeyArgs())
     assert built.statuses == [M.MaskStatus.NO_SIGNAL] and bool(built.binary.all())

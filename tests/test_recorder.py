@@ -62,7 +62,7 @@ def test_layers_of_different_resolutions_average_on_the_finest_grid():
 
 
 def test_an_image_without_cond_rows_at_a_step_is_nan():
-    recorder = MapRecorder(("a",), token=None, n_images=2)
+    recorder = MapRecorder(("a",), token="auto", n_images=2)
     tracker = RowTracker(RowLayout.webui([1, 1]))
     q, k = qk(1, 16)
     recorder.observe(0, "a", q, k, tracker.unet_call(1, (8, 8)))  # split call: image 0's row only

@@ -10,7 +10,9 @@ it, and runs pass 2 with every IP-Adapter output multiplied by its image's mask.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from ..masks import MaskStatus
 from ..maskset import MaskSet
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
+from ..steps import StepClock, StepPlan, pass1_length
 from ..twopass import run_two_pass
 from ..version import __version__
 from . import controlnet
@@ -70,6 +73,8 @@ class MonkeyRun:
         self.batches: list[BatchOutcome] = []
         self.statuses: dict[int, str] = {}
         self._sample_patch: AttrPatch | None = None
+        self._live: tuple[MonkeySession, HookSet] | None = None
+        """The batch that is sampling now: its session and the hooks that end with it."""
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -142,6 +147,7 @@ class MonkeyRun:
         hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
         hooks.add(_denoiser_callback(session))
         LIVE_HOOKS.add(hooks)
+        self._live = (session, hooks)
         try:
             result = run_two_pass(
                 session,
@@ -152,9 +158,28 @@ class MonkeyRun:
                 first_is_final=not _pass_one_skips_hires(p),
             )
         finally:
+            self._live = None
             LIVE_HOOKS.discard(hooks)
         self._record(p, session, result)
         return result.samples
+
+    def watch_sampler(self, p: Any) -> None:
+        """``process_before_every_sampling``: read the schedule this sampler run is handed, so the
+        step of each denoiser call comes from its noise level (see ``steps.StepClock``)."""
+        if self._live is None:
+            return
+        session, hooks = self._live
+        sampler = getattr(p, "sampler", None)
+        if not callable(getattr(sampler, "func", None)):
+            session.use_schedule(None)
+            return
+        if any(
+            isinstance(h, AttrPatch) and h.owner is sampler and h.installed for h in hooks.handles
+        ):
+            return  # img2img keeps one sampler for every pass and batch: already watched
+        patch = AttrPatch(sampler, "func", lambda func: _schedule_reader(func, sampler, p, session))
+        hooks.add(patch)
+        patch.install()
 
     def _session(self, p: Any, hacks: list[controlnet.IPHack], adapters: list, conditioning: Any):
         index = self.settings.source_unit
@@ -190,10 +215,13 @@ class MonkeyRun:
             }[phase]
             return original(*args, **kwargs)
         state.textinfo = "MONKEY pass 1 of 2: recording the subject mask"
-        _extend_progress(p, self.settings)
+        steps = pass1_length(p.steps, self.settings.pass1_steps)
+        _extend_progress(p, self.settings, steps)
         scoped = HookSet()
         if _pass_one_skips_hires(p):
             scoped.add(AttrPatch(p, "enable_hr", lambda _: False))  # hires only in pass 2
+        if steps != p.steps:  # pass 1 samples its own, shorter schedule from the same noise
+            scoped.add(AttrPatch(p, "steps", lambda _: steps))
         with scoped:
             samples = original(*args, **kwargs)
         state.nextjob()
@@ -208,9 +236,11 @@ class MonkeyRun:
             )
         elif self.settings.preview_pass1 and result.first is not None:
             outcome.first_images = samples_to_images(p, result.first)
+        schedule = _schedule_text(session) if result.masks is not None else ""
         for image in range(n_images):
-            self.statuses[session.image_offset + image] = _status(
-                result.masks, image, result.skipped_reason
+            self.statuses[session.image_offset + image] = (
+                _status(result.masks, image, result.skipped_reason, session.recorder.token_count)
+                + schedule
             )
         self.batches.append(outcome)
 
@@ -252,7 +282,7 @@ class MonkeyRun:
         processed.infotexts.extend(infotexts)
 
 
-def _status(masks: MaskSet | None, image: int, reason: str | None) -> str:
+def _status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | None) -> str:
     if masks is None:
         return f"not masked: {reason}"
     status = masks.statuses[image]
@@ -262,8 +292,32 @@ def _status(masks: MaskSet | None, image: int, reason: str | None) -> str:
         return "empty mask, kept plain IP-Adapter"
     coverage = float(masks.binary[image].float().mean())
     threshold = masks.thresholds[image]
-    text = f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, token {masks.tokens[image]}"
+    text = (
+        f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, "
+        f"token {masks.tokens[image]} of {tokens}"
+    )
     return text if status is MaskStatus.OK else f"{text} (full mask)"
+
+
+def _steps_text(steps: range | tuple[int, ...]) -> str:
+    if not steps:
+        return "none"
+    if isinstance(steps, range) and len(steps) > 2:
+        return f"{steps[0]}-{steps[-1]}"
+    return ", ".join(str(step) for step in steps)
+
+
+def _schedule_text(session: MonkeySession) -> str:
+    """Which steps each sampler run recorded or masked: pass 1, pass 2 and a hires pass, each
+    on its own schedule."""
+    parts = []
+    for phase, plan in session.history:
+        if phase is Phase.RECORD:
+            parts.append(f"recorded steps {_steps_text(plan.record)} of {plan.total}")
+        elif phase is Phase.APPLY:
+            where = "hires pass masked" if parts and parts[-1].startswith("masked") else "masked"
+            parts.append(f"{where} steps {_steps_text(plan.apply)} of {plan.total}")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 # -- host glue ----------------------------------------------------------------------------------
@@ -277,16 +331,55 @@ def _unet_call(session: MonkeySession) -> Callable:
     return pre_hook
 
 
+STEP_END_EVALS = {"Heun": 1 << 30, "Restart": 1 << 30, "PLMS": 1}
+"""Samplers that evaluate a step again at the next step's noise level, and for how many of their
+leading steps (PLMS only on its first)."""
+
+
+def sampler_clock(sampler: Any, p: Any, kwargs: dict) -> StepClock | None:
+    """The step clock of one sampler run, from the schedule ``sampler.func`` is handed."""
+    name = getattr(getattr(sampler, "config", None), "name", None)
+    end_evals = STEP_END_EVALS.get(name, 0)
+    if kwargs.get("sigmas") is not None:  # k-diffusion, Restart: the trailing 0 ends the run
+        levels = [float(sigma) for sigma in kwargs["sigmas"].tolist()][:-1]
+    elif kwargs.get("timesteps") is not None:  # DDIM, PLMS, UniPC: timesteps, ascending
+        levels = sorted((float(t) for t in kwargs["timesteps"].tolist()), reverse=True)
+        if name != "UniPC":
+            levels = levels[:-1]  # the DDIM-style loops never evaluate the smallest timestep
+    elif kwargs.get("sigma_min") is not None and kwargs.get("sigma_max") is not None:
+        # DPM fast / adaptive choose their own sigmas: steps of equal log-sigma length
+        count = int(kwargs.get("n") or p.steps)
+        high, low = math.log(float(kwargs["sigma_max"])), math.log(float(kwargs["sigma_min"]))
+        levels = [math.exp(high + (low - high) * i / count) for i in range(count)]
+    else:
+        return None
+    return StepClock(levels, end_evals) if levels else None
+
+
+def _schedule_reader(func: Callable, sampler: Any, p: Any, session: MonkeySession) -> Callable:
+    # the WebUI picks the keyword arguments it passes from inspect.signature(sampler.func), which
+    # follows __wrapped__: the wrapper must show the sampler function's own signature
+    @functools.wraps(func)
+    def monkey_read_schedule(*args, **kwargs):
+        session.use_schedule(sampler_clock(sampler, p, kwargs))
+        return func(*args, **kwargs)
+
+    return monkey_read_schedule
+
+
 def _denoiser_callback(session: MonkeySession) -> CallbackHook:
     from modules import script_callbacks, sd_samplers_common
 
     def on_cfg_denoiser(params) -> None:
-        # the denoiser's own counter is what prompt editing uses; it also counts 2nd-order calls
-        denoiser = getattr(params, "denoiser", None)
-        step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
-        if step is None or not total:
-            step, total = params.sampling_step, params.total_sampling_steps
-        session.begin_step(int(step), int(total))
+        if session.clock is not None:
+            sigma = params.sigma
+            session.begin_level(float(sigma.max()) if hasattr(sigma, "max") else float(sigma))
+        else:  # a sampler whose schedule could not be read: count its denoiser calls
+            denoiser = getattr(params, "denoiser", None)
+            step, total = getattr(denoiser, "step", None), getattr(denoiser, "steps", None)
+            if step is None or not total:
+                step, total = params.sampling_step, params.total_sampling_steps
+            session.begin_step(min(int(step), int(total) - 1), int(total))
         if session.should_stop():
             raise sd_samplers_common.InterruptedException  # ends pass 1; launch_sampling catches it
 
@@ -307,8 +400,9 @@ def _cancelled() -> bool:
     return bool(shared.state.interrupted or shared.state.skipped)
 
 
-def _extend_progress(p: Any, settings: MonkeyArgs) -> None:
-    """Count pass 1 as one more job, so the progress bar covers both passes."""
+def _extend_progress(p: Any, settings: MonkeyArgs, steps: int) -> None:
+    """Count pass 1 (``steps`` long, stopped after its last recorded step) as one more job, so
+    the progress bar covers both passes."""
     from modules import shared
 
     state = shared.state
@@ -316,8 +410,14 @@ def _extend_progress(p: Any, settings: MonkeyArgs) -> None:
         state.job_count += 1
     tqdm = getattr(shared.total_tqdm, "_tqdm", None)
     if tqdm is not None and tqdm.total:
-        steps = getattr(p, "steps", 0) or 0
-        shared.total_tqdm.updateTotal(tqdm.total + min(steps, int(settings.record_end * steps) + 1))
+        plan = StepPlan.of(
+            steps,
+            (settings.record_start, settings.record_end),
+            settings.record_steps,
+            (settings.apply_start, settings.apply_end),
+        )
+        last = plan.last_record
+        shared.total_tqdm.updateTotal(tqdm.total + (steps if last is None else last + 1))
 
 
 def reset_rng(p: Any) -> None:
@@ -391,6 +491,13 @@ def before_batch(p: Any) -> None:
     run = getattr(p, RUN_ATTR, None)
     if run is not None:
         run.wrap_sample(p)
+
+
+def before_sampling(p: Any) -> None:
+    """``Script.process_before_every_sampling``."""
+    run = getattr(p, RUN_ATTR, None)
+    if run is not None:
+        run.watch_sampler(p)
 
 
 def finish(p: Any, processed: Any) -> None:

@@ -8,7 +8,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..args import AUTO, MonkeyArgs, MonkeyArgsError, labels, names, parse_field, spec
+from ..args import (
+    ALL,
+    ATTENTION_SCALES,
+    AUTO,
+    DEFAULT,
+    MonkeyArgs,
+    MonkeyArgsError,
+    labels,
+    names,
+    parse_field,
+    spec,
+)
 from ..layers import SD1, SDXL
 from ..version import __version__
 from . import a1111
@@ -17,7 +28,8 @@ logger = logging.getLogger("monkey")
 
 SECTION = ("monkey", "MONKEY")
 LAYER_CHOICES = ["default", *dict.fromkeys([*SD1.names(), *SDXL.names()])]
-TOKEN_CHOICES = [AUTO, *(str(i) for i in range(16))]
+TOKEN_CHOICES = [DEFAULT, AUTO, *(str(i) for i in range(16))]
+RECORD_STEPS_CHOICES = [ALL, *(str(i) for i in range(1, 9))]
 
 
 def ui_value(name: str, value: Any) -> Any:
@@ -26,7 +38,7 @@ def ui_value(name: str, value: Any) -> Any:
         return ", ".join(value) if value else "default"
     if name == "thresholds":
         return ", ".join(str(v) for v in value)
-    if name == "token":
+    if name in ("token", "record_steps"):
         return str(value)
     return value
 
@@ -82,8 +94,16 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                     elem_id=eid("source_unit"),
                 )
             with gr.Row():
+                c["pass1_steps"] = slider("pass1_steps", "Pass 1 steps (fraction)")
                 c["record_start"] = slider("record_start", "Record from")
                 c["record_end"] = slider("record_end", "Record until")
+                c["record_steps"] = gr.Dropdown(
+                    RECORD_STEPS_CHOICES,
+                    value=str(defaults.record_steps),
+                    label="Recorded steps",
+                    allow_custom_value=True,
+                    elem_id=eid("record_steps"),
+                )
             with gr.Row():
                 c["apply_start"] = slider("apply_start", "Mask from")
                 c["apply_end"] = slider("apply_end", "Mask until")
@@ -94,6 +114,12 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                 )
                 c["dilate"] = slider("dilate", "Dilate (px)", maximum=256, step=1)
                 c["feather"] = slider("feather", "Feather (px)", maximum=256, step=1)
+                c["attention_scale"] = gr.Radio(
+                    list(ATTENTION_SCALES),
+                    value=defaults.attention_scale,
+                    label="Attention scale",
+                    elem_id=eid("attention_scale"),
+                )
         with gr.Row():
             c["preview"] = check("preview", "Show masks")
             c["preview_pass1"] = check("preview_pass1", "Show pass 1")
