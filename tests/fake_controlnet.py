@@ -3,10 +3,14 @@
 What MONKEY relies on is kept as ControlNet has it: each attn2 ``forward`` is replaced on the
 instance by a hacked forward that adds ``sum(f(self, x, q) for f in self.ipadapter_hacks)`` to the
 text attention before ``to_out``; each ``f`` is a closure over the adapter (``self``), its
-``number`` and ``transformer_index`` (decorated with ``@torch.no_grad()``), returns ``0.0`` outside the unit's start/end, and reads IP
-keys through a per-generation ``cache`` keyed ``"{2n+1}_to_k_ip"``. ``p.sample`` is replaced by
-``process_sample``, which marks cond/uncond prompts; the UNet forward reads the marks into
-``cond_mark``. ``postprocess`` clears every hack.
+``number`` and ``transformer_index`` (decorated with ``@torch.no_grad()``). The closure reads the
+step and ``cond_mark`` from the module-level ``current_model`` (the UNet last hooked) and returns
+``0.0`` before projecting anything when the unit is outside its start/end or its weight at that
+transformer group is 0 (``weight`` is a float, or a ``{transformer_index: w}`` dict where a
+missing group weighs 0, as InstantStyle weight types give). Otherwise it projects the image
+embedding through ``ipadapter.ip_layers.to_kvs["{2n+1}_to_{k,v}_ip"]`` via a per-generation
+``cache``. ``p.sample`` is replaced by ``process_sample``, which marks cond/uncond prompts; the
+UNet forward reads the marks into ``cond_mark``. ``postprocess`` clears every hack.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from monkey.layers import SD1
 
 TOKENS = 4
 MARK = 1024.0
+
+current_model = None  # ControlNet keeps the hooked UNet in a module global; so do we
+
+
+def style_transfer_sd1(weight: float = 1.0) -> dict[int, float]:
+    """InstantStyle's SD1 "style transfer": only input groups 0-3 and output groups 9-15 weigh,
+    so the paper's layer (``output_blocks.4.1``, group 8) gets weight 0."""
+    return dict.fromkeys([*range(4), *range(9, 16)], weight)
 
 
 def hacked_attn_forward(self, x, context=None, **kwargs):
@@ -47,6 +59,16 @@ class ImageEmbed:
         return self.cond * m + self.uncond * (1 - m)
 
 
+class FakeIPAdapterModel(torch.nn.Module):
+    """``IPAdapterModel``: its ``ip_layers.to_kvs`` hold the IP key/value projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.ip_layers = torch.nn.Module()
+        self.ip_layers.to_kvs = torch.nn.ModuleDict()
+        self.is_pulid = False
+
+
 class FakeIPAdapter(torch.nn.Module):
     """The parts of ``PlugableIPAdapter`` that the closures use."""
 
@@ -54,13 +76,14 @@ class FakeIPAdapter(torch.nn.Module):
         self,
         unet: torch.nn.Module,
         seed: int,
-        weight: float = 1.0,
+        weight: float | dict[int, float] = 1.0,
         start: float = 0.0,
         end: float = 1.0,
     ):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.to_kvs = torch.nn.ModuleDict()
+        self.ipadapter = FakeIPAdapterModel()
+        to_kvs = self.ipadapter.ip_layers.to_kvs
         for layer in SD1.layers:
             channels = unet.get_submodule(layer.ldm).to_q.out_features
             for kind in ("k", "v"):
@@ -68,7 +91,7 @@ class FakeIPAdapter(torch.nn.Module):
                 linear.weight.data = (
                     torch.randn(channels, CONTEXT_DIM, generator=gen) * CONTEXT_DIM**-0.5
                 )
-                self.to_kvs[f"{2 * layer.number + 1}_to_{kind}_ip"] = linear
+                to_kvs[f"{2 * layer.number + 1}_to_{kind}_ip"] = linear
         proj = torch.randn(TOKENS * CONTEXT_DIM, 8, generator=gen) * 0.35
         image = torch.randn(8, generator=gen)
         self.image_emb = ImageEmbed(
@@ -76,11 +99,15 @@ class FakeIPAdapter(torch.nn.Module):
         )
         self.weight, self.p_start, self.p_end = weight, start, end
         self.cache: dict = {}
-        self.unet = unet
+
+    def weight_on_transformer(self, transformer_index: int) -> float:
+        if isinstance(self.weight, dict):
+            return self.weight.get(transformer_index, 0.0)
+        return self.weight
 
     def call_ip(self, key: str, feat: torch.Tensor, device) -> torch.Tensor:
         if key not in self.cache:
-            self.cache[key] = self.to_kvs[key](feat).to(device)
+            self.cache[key] = self.ipadapter.ip_layers.to_kvs[key](feat).to(device)
         return self.cache[key]
 
     @torch.no_grad()
@@ -89,19 +116,22 @@ class FakeIPAdapter(torch.nn.Module):
         def forward(attn_blk, x, q):
             b, _, inner = x.shape
             heads = attn_blk.heads
-            percent = getattr(self.unet, "current_sampling_percent", 0.5)
-            if percent < self.p_start or percent > self.p_end or self.weight == 0.0:
-                return 0.0
-            emb = self.image_emb.eval(self.unet.cond_mark).to(q)
+            weight = self.weight_on_transformer(transformer_index)
+            percent = getattr(current_model, "current_sampling_percent", 0.5)
+            if percent < self.p_start or percent > self.p_end or weight == 0.0:
+                return 0.0  # before any projection: a skipped layer leaves no cache entry
+            emb = self.image_emb.eval(current_model.cond_mark)
             k = self.call_ip(f"{number * 2 + 1}_to_k_ip", emb, q.device)
             v = self.call_ip(f"{number * 2 + 1}_to_v_ip", emb, q.device)
-            k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (k, v))
+            k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2).to(q) for t in (k, v))
             ip_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, inner)
-            return ip_out * self.weight
+            return ip_out * weight
 
         return forward
 
     def hook(self, unet: torch.nn.Module) -> None:
+        global current_model
+        current_model = unet
         self.cache = {}
         for number, layer in enumerate(itertools.chain(SD1.layers)):
             module = unet.get_submodule(layer.ldm)

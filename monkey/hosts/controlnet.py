@@ -6,9 +6,12 @@ unit's start/end), which it adds to the text attention before ``to_out``. MONKEY
 entries for one batch and puts the originals back afterwards; it imports nothing from ControlNet
 and patches no class.
 
-A closure's free variables name its ``PlugableIPAdapter`` (``self``) and its layer ``number``; the
-instance's ``cache`` holds the IP keys it projected for this generation (``"{2n+1}_to_k_ip"``),
-which is what recording reads, so pass 1 runs ControlNet's own arithmetic untouched.
+A closure's free variables name its ``PlugableIPAdapter`` (``self``), its layer ``number`` and
+its ``transformer_index``; the instance's ``cache`` holds the IP keys it projected for this
+generation (``"{2n+1}_to_k_ip"``), which is what recording reads, so pass 1 runs ControlNet's own
+arithmetic untouched. A layer whose weight is 0 (InstantStyle weight types zero most layers,
+the paper's among them) returns ``0.0`` before projecting anything, so there recording projects
+the key itself from the adapter's ``to_kvs``, as ControlNet would; the output stays ``0.0``.
 """
 
 from __future__ import annotations
@@ -40,14 +43,22 @@ class IPHack:
     adapter: Any
     """The live ``PlugableIPAdapter`` behind the closure (None if it cannot be read)."""
     number: int | None
+    transformer_index: int | None = None
+    """ControlNet's weight group of the layer (``weight`` may be a dict keyed by it)."""
 
 
-def closure_vars(fn: Callable) -> dict[str, Any]:
-    """Free variables of a closure, looking through decorators: ControlNet wraps its closures in
-    ``@torch.no_grad()``, whose ``functools.wraps`` wrapper keeps the closure in ``__wrapped__``."""
+def _unwrapped(fn: Callable) -> Callable:
+    """ControlNet wraps its closures in ``@torch.no_grad()``, whose ``functools.wraps`` wrapper
+    keeps the closure in ``__wrapped__``."""
     seen = 0
     while getattr(fn, "__wrapped__", None) is not None and seen < 16:
         fn, seen = fn.__wrapped__, seen + 1
+    return fn
+
+
+def closure_vars(fn: Callable) -> dict[str, Any]:
+    """Free variables of a closure, looking through decorators."""
+    fn = _unwrapped(fn)
     code = getattr(fn, "__code__", None)
     cells = getattr(fn, "__closure__", None) or ()
     if code is None:
@@ -64,10 +75,15 @@ def find_ip_hacks(unet: torch.nn.Module) -> list[IPHack]:
             continue
         for fn in items:
             free = closure_vars(fn)
-            number = free.get("number")
+            number, index = free.get("number"), free.get("transformer_index")
             found.append(
                 IPHack(
-                    name, items, fn, free.get("self"), number if isinstance(number, int) else None
+                    name,
+                    items,
+                    fn,
+                    free.get("self"),
+                    number if isinstance(number, int) else None,
+                    index if isinstance(index, int) else None,
                 )
             )
     return found
@@ -93,6 +109,74 @@ def cached_ip_key(hack: IPHack, query: torch.Tensor) -> torch.Tensor | None:
     return split_heads(key.to(query.device), query.shape[1])
 
 
+def ip_weight(hack: IPHack) -> float | None:
+    """The weight ControlNet multiplies this layer's IP output by (None if it cannot be read)."""
+    weigh = getattr(hack.adapter, "weight_on_transformer", None)
+    if not callable(weigh) or hack.transformer_index is None:
+        return None
+    try:
+        return float(weigh(hack.transformer_index))
+    except (TypeError, ValueError, AssertionError):
+        return None
+
+
+def zero_weight_layers(hacks: list[IPHack], adapter: Any) -> set[str]:
+    """Layers where ``adapter``'s IP output is dropped by a weight of 0 (fixed per generation)."""
+    return {h.layer for h in hacks if h.adapter is adapter and ip_weight(h) == 0.0}
+
+
+def _current_model(hack: IPHack) -> Any:
+    """The UNet the closure reads its step and ``cond_mark`` from: ControlNet's module global."""
+    return getattr(_unwrapped(hack.fn), "__globals__", {}).get("current_model")
+
+
+def in_guidance_window(hack: IPHack) -> bool:
+    """ControlNet's own start/end test for this unit at the current step."""
+    percent = getattr(_current_model(hack), "current_sampling_percent", 0.5)
+    start, end = getattr(hack.adapter, "p_start", None), getattr(hack.adapter, "p_end", None)
+    if not isinstance(start, (int, float)) or not isinstance(end, (int, float)):
+        return False
+    return not (percent < start or percent > end)
+
+
+def projected_ip_key(hack: IPHack, query: torch.Tensor) -> torch.Tensor | None:
+    """``[R, heads, T, d]`` IP keys ControlNet would project at a layer it skipped for weight 0,
+    from the adapter's own ``to_kvs`` and image embedding; not cached, so ControlNet's state is
+    untouched."""
+    model = _current_model(hack)
+    model_ip = getattr(hack.adapter, "ipadapter", None)
+    to_kvs = getattr(getattr(model_ip, "ip_layers", None), "to_kvs", None)
+    image_emb = getattr(hack.adapter, "image_emb", None)
+    cond_mark = getattr(model, "cond_mark", None)
+    if to_kvs is None or image_emb is None or cond_mark is None or hack.number is None:
+        return None
+    name = f"{2 * hack.number + 1}_to_k_ip"
+    if name not in to_kvs:
+        return None
+    with torch.no_grad():
+        emb = image_emb.eval(cond_mark)
+        pad = getattr(getattr(hack.adapter, "pulid_attn_setting", None), "num_zero", 0)
+        if getattr(model_ip, "is_pulid", False) and pad:  # PuLID projects zero tokens too
+            emb = torch.cat([emb, emb.new_zeros(emb.shape[0], pad, emb.shape[-1])], dim=1)
+        key = to_kvs[name](emb).to(query.device)
+    if key.ndim != 3 or key.shape[0] != query.shape[0]:
+        return None
+    return split_heads(key, query.shape[1])
+
+
+def _record(hack: IPHack, session: MonkeySession, query: torch.Tensor, out: Any) -> None:
+    if isinstance(out, torch.Tensor):
+        key = cached_ip_key(hack, query)
+    elif ip_weight(hack) == 0.0 and in_guidance_window(hack):
+        key = projected_ip_key(hack, query)
+    else:
+        return  # the unit is outside its own start/end: its attention does not exist
+    if key is None:
+        logger.debug("MONKEY: no IP key at %s; step not recorded", hack.layer)
+    else:
+        session.observe(hack.layer, query, key)
+
+
 def wrap(hack: IPHack, session: MonkeySession, records: bool) -> Callable:
     """The replacement for one ``ipadapter_hacks`` entry."""
     fn = hack.fn
@@ -104,15 +188,9 @@ def wrap(hack: IPHack, session: MonkeySession, records: bool) -> Callable:
         if action is IPAction.OFF:
             return 0.0
         out = fn(attn, x, q)
-        if not isinstance(out, torch.Tensor):  # the unit is outside its own start/end
-            return out
         if records and session.wants_record(hack.layer):
-            key = cached_ip_key(hack, q)
-            if key is None:
-                logger.debug("MONKEY: no cached IP key at %s; step not recorded", hack.layer)
-            else:
-                session.observe(hack.layer, q, key)
-        if action is IPAction.MASKED:
+            _record(hack, session, q, out)
+        if action is IPAction.MASKED and isinstance(out, torch.Tensor):
             out = masks.apply(out, session.weights(out.shape[1], out.device))
         return out
 
