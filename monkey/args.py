@@ -38,7 +38,6 @@ RecordSteps = int | str
 """How many pass-1 steps feed the mask: k spread over the record window, or ``"all"``."""
 
 
-
 class MonkeyArgsError(ValueError):
     """A setting has the wrong type or is out of range; names the field, the value and what fits."""
 

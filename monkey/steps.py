@@ -7,6 +7,7 @@ the noise level it runs at, against the schedule the sampler was given.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class StepClock:
         levels = [float(level) for level in levels]
         if not levels:
             raise ValueError("a step clock needs at least one step")
-        if any(a < b for a, b in zip(levels, levels[1:])):
+        if any(a < b for a, b in itertools.pairwise(levels)):
             raise ValueError(f"noise levels must not increase, got {levels}")
         self.levels = levels
         self.end_evals = end_evals
@@ -101,9 +102,7 @@ class StepClock:
         return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-8)
 
     def step_at(self, level: float) -> int:
-        step = sum(
-            1 for point in self.levels[1:] if point > level or self._near(point, level)
-        )
+        step = sum(1 for point in self.levels[1:] if point > level or self._near(point, level))
         last = self._last
         if (
             step >= 1

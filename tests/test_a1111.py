@@ -456,15 +456,27 @@ def test_settings_section_and_xyz_axes(webui):
     sc.fire("before_ui")
     sc.fire("before_ui")  # idempotent
     labels = [option.label for option in xyz.axis_options]
-    assert labels == ["[MONKEY] Enabled", "[MONKEY] Threshold", "[MONKEY] Token", "[MONKEY] Layer"]
+    assert labels == [
+        "[MONKEY] Enabled",
+        "[MONKEY] Threshold",
+        "[MONKEY] Token",
+        "[MONKEY] Layer",
+        "[MONKEY] Attention scale",
+        "[MONKEY] Recorded steps",
+        "[MONKEY] Pass 1 steps",
+    ]
     p = make_p(webui, MonkeyArgs(enabled=False), **SIZE)
     by_label = {option.label: option for option in xyz.axis_options}
     by_label["[MONKEY] Enabled"].apply(p, "True", [])
     by_label["[MONKEY] Threshold"].apply(p, 0.7, [])
+    by_label["[MONKEY] Recorded steps"].apply(p, "all", [])
     with pytest.raises(MonkeyArgsError):
         by_label["[MONKEY] Token"].confirm(p, ["first"])
+    with pytest.raises(MonkeyArgsError):
+        by_label["[MONKEY] Attention scale"].confirm(p, ["exact"])
     processed = generate(webui, p)
     assert "MONKEY threshold: 0.7" in processed.infotexts[0]
+    assert "MONKEY record steps: all" in processed.infotexts[0]
 
 
 def test_settings_schema_route_lists_every_setting(webui):
@@ -619,3 +631,86 @@ def test_a_sample_wrapper_left_under_another_is_inert(webui):
     assert p.controlnet.process_sample_calls == 2  # the two passes
     p.sample(**kwargs)
     assert p.controlnet.process_sample_calls == 3  # afterwards: straight through, one pass
+
+
+# -- the step clock and pass 1's own schedule --------------------------------------------------------
+
+SAMPLER_NAMES = ["Euler a", "Heun", "DPM2", "DPM adaptive"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_full_mask_is_plain_ip_adapter_for_every_sampler_whatever_pass_one_ran(webui, sampler):
+    plain = make_p(webui, monkey=False, sampler_name=sampler, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, FULL, sampler_name=sampler, **SIZE)
+    generate(webui, p)
+    assert (latents(p) - latents(plain)).abs().max() <= 1e-6
+    assert not webui.errors
+    assert_clean(webui, p)
+
+
+def denoiser_steps(monkeypatch) -> list[tuple[Phase, int, int]]:
+    seen = []
+    real = MonkeySession.begin_step
+
+    def spy(self, step, total):
+        seen.append((self.phase, step, total))
+        return real(self, step, total)
+
+    monkeypatch.setattr(MonkeySession, "begin_step", spy)
+    return seen
+
+
+def test_both_evaluations_of_a_heun_step_get_that_steps_decision(webui, monkeypatch):
+    seen = denoiser_steps(monkeypatch)
+    p = make_p(webui, ON, sampler_name="Heun", steps=8, **SIZE)
+    generate(webui, p)
+    pass1 = [step for phase, step, total in seen if phase is Phase.RECORD and total == 4]
+    pass2 = [step for phase, step, total in seen if phase is Phase.APPLY and total == 8]
+    assert pass1 == [0, 0, 1, 1, 2, 2, 3]  # records 1 and 2, ends at step 3's first call
+    assert pass2 == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7]  # the last step is Euler's
+    assert len(seen) == len(pass1) + len(pass2)
+
+
+def test_an_adaptive_sampler_is_clocked_by_sigma_and_calls_past_the_end_are_the_last_step(
+    webui, monkeypatch
+):
+    seen = denoiser_steps(monkeypatch)
+    p = make_p(webui, ON, sampler_name="DPM adaptive", steps=8, **SIZE)
+    processed = generate(webui, p)
+    pass2 = [step for phase, step, _ in seen if phase is Phase.APPLY]
+    assert len(pass2) == 25  # the sampler's own number of calls, not the nominal 8
+    assert pass2 == sorted(pass2) and set(pass2) == set(range(8)) and pass2[-1] == 7
+    assert "recorded steps 1, 2 of 4" in processed.infotexts[0]
+
+
+def test_pass_one_runs_its_own_shorter_schedule_from_the_same_noise(webui, monkeypatch):
+    seen = denoiser_steps(monkeypatch)
+    p = make_p(webui, with_fields(ON, pass1_steps=1.0), steps=8, **SIZE)
+    generate(webui, p)
+    assert {total for phase, _, total in seen if phase is Phase.RECORD} == {8}
+    # records 3 and 5; the first call of step 6 ends pass 1 before the UNet runs
+    assert [s for ph, s, _ in seen if ph is Phase.RECORD] == [0, 1, 2, 3, 4, 5, 6]
+    seen.clear()
+    p = make_p(webui, ON, steps=30, **SIZE)
+    processed = generate(webui, p)
+    assert [s for ph, s, _ in seen if ph is Phase.RECORD] == list(range(11))  # 15 steps: 5, 9
+    assert "recorded steps 5, 9 of 15, masked steps 7-22 of 30" in processed.infotexts[0]
+    assert p.steps == 30
+
+
+def test_the_hires_pass_masks_on_its_own_step_clock_and_says_so(webui, monkeypatch):
+    seen = denoiser_steps(monkeypatch)
+    p = make_p(webui, ON, enable_hr=True, steps=8, **SIZE)
+    processed = generate(webui, p)
+    hires = [step for phase, step, total in seen if phase is Phase.APPLY and total == 5]
+    assert hires == [0, 1, 2, 3, 4]  # denoising strength 0.6 of 8 steps: its own 5 steps
+    status = processed.infotexts[0].split("MONKEY status: ")[1]
+    assert "masked steps 2-5 of 8, hires pass masked steps 1-3 of 5" in status
+
+
+def test_a_token_past_the_adapters_count_fails_the_generation_naming_the_count(webui):
+    p = make_p(webui, with_fields(ON, token=4), **SIZE)
+    with pytest.raises(MonkeyArgsError, match="this IP-Adapter has 4 image tokens"):
+        generate(webui, p)
+    assert_no_hooks(webui, p)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monkey.attention import ip_attention_probs, split_heads, token_maps
+from monkey.attention import ip_attention_probs, logit_scale, split_heads, token_maps
 
 
 def sdpa_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -70,3 +70,25 @@ def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match="heads=3"):
         split_heads(torch.randn(1, 4, 8), 3)
     assert split_heads(torch.randn(2, 5, 12), 3).shape == (2, 3, 5, 4)
+
+
+def test_maps_are_float32_arithmetic_under_autocast():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 8, 64, 40, generator=gen), torch.randn(2, 8, 4, 40, generator=gen)
+    plain = token_maps(q, k, 1, scale=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = token_maps(q, k, 1, scale=1.0)
+        assert torch.matmul(q, k.transpose(-1, -2)).dtype == torch.bfloat16  # autocast is on
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+def test_reference_scale_is_the_unscaled_softmax_and_sdpa_the_scaled_one():
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 2, 16, 64, generator=gen), torch.randn(1, 2, 4, 64, generator=gen)
+    logits = q @ k.transpose(-1, -2)
+    reference = torch.softmax(logits, -1)[..., 1].mean(1)
+    sdpa = torch.softmax(logits / 8.0, -1)[..., 1].mean(1)
+    torch.testing.assert_close(token_maps(q, k, 1, logit_scale("reference", 64)), reference)
+    torch.testing.assert_close(token_maps(q, k, 1, logit_scale("sdpa", 64)), sdpa)
+    with pytest.raises(ValueError, match="attention scale"):
+        logit_scale("exact", 64)

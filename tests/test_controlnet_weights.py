@@ -44,18 +44,19 @@ def recording_at(
     hack = next(h for h in hacks if h.layer == LAYER)
     session = MonkeySession(ON, tuple(sources), RowLayout.webui([1]))
     session.begin(Phase.RECORD)
-    session.begin_step(2, 8)
+    session.begin_step(3, 8)  # a recorded step (3 and 5 of 8)
     session.begin_unet_call(len(COND_MARK), (16, 16))
     module = unet.get_submodule(LAYER)
     return adapter, hacks, hack, session, module, *query_at(module, LAYER)
 
 
 def independent_map(adapter: FakeIPAdapter, q: torch.Tensor, token: int) -> torch.Tensor:
-    """Head-mean ``softmax(q·k_ipᵀ/√d)`` of the cond row, from the raw weights and embedding."""
+    """Head-mean ``softmax(q·k_ipᵀ)`` of the cond row (the default reference scale, no 1/√d),
+    from the raw weights and embedding."""
     w = adapter.ipadapter.ip_layers.to_kvs["15_to_k_ip"].weight  # layer number 7
     emb = adapter.image_emb.cond[0]  # row 0 is the cond row
     k = (emb @ w.T).view(emb.shape[0], q.shape[1], -1).transpose(0, 1)  # [heads, T, d]
-    probs = torch.softmax(q[0] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    probs = torch.softmax(q[0] @ k.transpose(-1, -2), dim=-1)
     return probs[..., token].mean(0)
 
 
@@ -126,4 +127,5 @@ def test_a_style_transfer_unit_still_gets_masked(webui):
     processed = generate(webui, p)
     assert "no IP-Adapter attention was recorded" not in processed.infotexts[0]
     assert '"masked' in processed.infotexts[0]
+    assert "where its IP-Adapter weight is 0 (output_blocks.4.1)" in processed.infotexts[0]
     assert not torch.allclose(latents(p), latents(plain), atol=1e-3)

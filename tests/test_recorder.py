@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from monkey.args import MonkeyArgsError
 from monkey.attention import token_maps
 from monkey.recorder import MapRecorder
 from monkey.rows import RowLayout, RowTracker
@@ -69,3 +71,21 @@ def test_an_image_without_cond_rows_at_a_step_is_nan():
     result = recorder.result()
     assert result.maps.shape == (2, 1, 4, 4, 4)  # all tokens kept for token=auto
     assert torch.isnan(result.maps[1]).all() and not torch.isnan(result.maps[0]).any()
+
+
+def test_default_token_is_1_on_four_token_adapters_and_auto_on_others():
+    rows = rows_for(RowLayout.webui([1]), 2)
+    four = MapRecorder(("a",), token="default", n_images=1)
+    four.observe(0, "a", *qk(2, 16, tokens=4), rows)
+    assert four.result().token == 1 and four.token_count == 4
+    plus = MapRecorder(("a",), token="default", n_images=1)
+    plus.observe(0, "a", *qk(2, 16, tokens=16), rows)
+    result = plus.result()
+    assert result.token is None and result.maps.shape == (1, 1, 16, 4, 4)  # every token: auto
+
+
+def test_an_explicit_token_past_the_adapters_count_names_the_count():
+    recorder = MapRecorder(("a",), token=4, n_images=1)
+    with pytest.raises(MonkeyArgsError, match="this IP-Adapter has 4 image tokens") as caught:
+        recorder.observe(0, "a", *qk(2, 16, tokens=4), rows_for(RowLayout.webui([1]), 2))
+    assert caught.value.field == "token"

@@ -160,7 +160,8 @@ class MonkeyRun:
         finally:
             self._live = None
             LIVE_HOOKS.discard(hooks)
-        self._record(p, session, result)
+        silent = controlnet.zero_weight_layers(hacks, source) & session.source_layers
+        self._record(p, session, result, silent)
         return result.samples
 
     def watch_sampler(self, p: Any) -> None:
@@ -227,7 +228,7 @@ class MonkeyRun:
         state.nextjob()
         return samples
 
-    def _record(self, p: Any, session: MonkeySession, result) -> None:
+    def _record(self, p: Any, session: MonkeySession, result, silent: set[str]) -> None:
         n_images = session.layout.n_images
         outcome = BatchOutcome(session.image_offset, n_images, result.masks)
         if result.masks is None:
@@ -237,6 +238,11 @@ class MonkeyRun:
         elif self.settings.preview_pass1 and result.first is not None:
             outcome.first_images = samples_to_images(p, result.first)
         schedule = _schedule_text(session) if result.masks is not None else ""
+        if silent and result.masks is not None:  # InstantStyle weight types zero these layers
+            schedule += (
+                "; recorded from the unit's own keys where its IP-Adapter weight is 0 "
+                f"({', '.join(sorted(name.removesuffix('.transformer_blocks.0.attn2') for name in silent))})"
+            )
         for image in range(n_images):
             self.statuses[session.image_offset + image] = (
                 _status(result.masks, image, result.skipped_reason, session.recorder.token_count)

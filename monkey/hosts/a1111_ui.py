@@ -246,6 +246,26 @@ def add_xyz_axes() -> None:
                 confirm=_xyz_confirm("layers"),
                 choices=lambda: list(LAYER_CHOICES),
             ),
+            xyz.AxisOption(
+                "[MONKEY] Attention scale",
+                str,
+                _xyz_apply("attention_scale"),
+                confirm=_xyz_confirm("attention_scale"),
+                choices=lambda: list(ATTENTION_SCALES),
+            ),
+            xyz.AxisOption(
+                "[MONKEY] Recorded steps",
+                str,
+                _xyz_apply("record_steps"),
+                confirm=_xyz_confirm("record_steps"),
+                choices=lambda: list(RECORD_STEPS_CHOICES),
+            ),
+            xyz.AxisOption(
+                "[MONKEY] Pass 1 steps",
+                float,
+                _xyz_apply("pass1_steps"),
+                confirm=_xyz_confirm("pass1_steps"),
+            ),
         ]
     )
 
