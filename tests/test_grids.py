@@ -11,10 +11,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monkey import masks as M
+from monkey.args import MonkeyArgs
+from monkey.maskset import MaskSet, build
+from monkey.recorder import RecordedMaps
 
 LATENTS = {
     # A1111 writes width×height; the latent is (height, width) / 8
@@ -57,6 +60,119 @@ def block_reference(fine: torch.Tensor, d: int, reduce: str) -> torch.Tensor:
     how = "amax" if reduce == "max" else "mean"
     out = out.scatter_reduce(1, index, fine.double().reshape(b, -1), how, include_self=False)
     return out.reshape(b, out_h, out_w)
+
+
+def layer_weights(masks: MaskSet, latent_hw: tuple[int, int], level: int) -> torch.Tensor:
+    h, w = ceil_level(latent_hw, level)
+    out = masks.weights(h * w, latent_hw, torch.device("cpu"))
+    assert out.shape == (masks.n_images, h * w)
+    return out.reshape(masks.n_images, h, w)
+
+
+# -- MaskSet: recording grid -> latent -> every layer ---------------------------------------------
+
+
+@pytest.mark.parametrize("latent_hw", LATENT_CASES)
+@given(seed=seeds)
+def test_the_recorded_mask_comes_back_unchanged_at_the_recording_layer(latent_hw, seed):
+    binary = random_binary(seed, ceil_level(latent_hw, RECORD_LEVEL))
+    masks = MaskSet(binary, [M.MaskStatus.OK] * 2, [0.5] * 2, [1] * 2)
+    back = layer_weights(masks, latent_hw, RECORD_LEVEL)
+    assert torch.equal(back, binary.float())
+
+
+@pytest.mark.parametrize("latent_hw", LATENT_CASES)
+@settings(max_examples=15)
+@given(seed=seeds)
+def test_latent_cells_take_their_recording_cells_value(latent_hw, seed):
+    for record_level in SD1_LEVEL_NUMBERS:
+        binary = random_binary(seed, ceil_level(latent_hw, record_level))
+        masks = MaskSet(binary, [M.MaskStatus.OK] * 2, [0.5] * 2, [1] * 2, latent_hw=latent_hw)
+        latent = masks.latent_masks(latent_hw)
+        assert latent.shape == (2, *latent_hw)
+        rows = torch.arange(latent_hw[0]) >> record_level
+        cols = torch.arange(latent_hw[1]) >> record_level
+        assert torch.equal(latent, binary[:, rows[:, None], cols[None, :]].float())
+        back = layer_weights(masks, latent_hw, record_level)
+        assert torch.equal(back, binary.float()), f"recorded at level {record_level}"
+
+
+# dilating and feathering cost a convolution per example: fewer examples, every level each
+@pytest.mark.parametrize("latent_hw", LATENT_CASES)
+@pytest.mark.parametrize("dilate_px", [0, 16], ids=["no-dilate", "dilate16"])
+@settings(max_examples=15)
+@given(seed=seeds)
+def test_without_feather_every_layer_is_binary_and_any_subject_cell_counts(
+    latent_hw, dilate_px, seed
+):
+    binary = random_binary(seed, ceil_level(latent_hw, RECORD_LEVEL))
+    masks = MaskSet(binary, [M.MaskStatus.OK] * 2, [0.5] * 2, [1] * 2, dilate_px=dilate_px)
+    latent = masks.latent_masks(latent_hw)
+    assert set(latent.unique().tolist()) <= {0.0, 1.0}
+    for level in SD1_LEVEL_NUMBERS:
+        layer = layer_weights(masks, latent_hw, level)
+        assert set(layer.unique().tolist()) <= {0.0, 1.0}, f"level {level}"
+        assert torch.equal(layer.double(), block_reference(latent, level, "max")), f"level {level}"
+
+
+@pytest.mark.parametrize("latent_hw", LATENT_CASES)
+@settings(max_examples=15)
+@given(seed=seeds, feather_px=st.integers(1, 48))
+def test_feathered_layers_are_block_means_in_unit_range(latent_hw, seed, feather_px):
+    binary = random_binary(seed, ceil_level(latent_hw, RECORD_LEVEL))
+    masks = MaskSet(binary, [M.MaskStatus.OK] * 2, [0.5] * 2, [1] * 2, feather_px=feather_px)
+    latent = masks.latent_masks(latent_hw)
+    for level in SD1_LEVEL_NUMBERS:
+        layer = layer_weights(masks, latent_hw, level)
+        assert bool((layer >= 0).all() and (layer <= 1).all()), f"level {level}"
+        reference = block_reference(latent, level, "mean")
+        assert torch.allclose(layer.double(), reference, atol=1e-6), f"level {level}"
+        # blocks wholly inside or outside the subject keep exactly 1 and 0
+        inside = -block_reference(-latent, level, "max") == 1
+        outside = block_reference(latent, level, "max") == 0
+        assert bool((layer[inside] == 1).all() and (layer[outside] == 0).all()), f"level {level}"
+
+
+@pytest.mark.parametrize("latent_hw", LATENT_CASES)
+@pytest.mark.parametrize("level", SD1_LEVELS)
+def test_layer_shapes_are_the_unets_round_up_halvings(latent_hw, level):
+    expected = ceil_level(latent_hw, level)
+    assert M.level_size(latent_hw, level) == expected
+    assert M.layer_size(expected[0] * expected[1], latent_hw) == expected
+    assert M.level_of(expected, latent_hw) == level or expected == (1, 1)
+    masks = MaskSet.full(3, ceil_level(latent_hw, RECORD_LEVEL))
+    assert layer_weights(masks, latent_hw, level).shape == (3, *expected)
+    assert bool((layer_weights(masks, latent_hw, level) == 1).all())
+
+
+@pytest.mark.parametrize("latent_hw", LATENT_CASES)
+def test_build_keeps_pass_ones_latent_and_rejects_a_grid_of_another(latent_hw):
+    hw = ceil_level(latent_hw, RECORD_LEVEL)
+    maps = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0))
+    built = build(RecordedMaps(maps, (1, 2, 3), latent_hw), MonkeyArgs(threshold=0.5))
+    assert built.latent_hw == latent_hw
+    assert torch.equal(layer_weights(built, latent_hw, RECORD_LEVEL), built.binary.float())
+    wrong = torch.rand(2, 3, hw[0] + 1, hw[1], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no UNet level"):
+        build(RecordedMaps(wrong, (1, 2, 3), latent_hw), MonkeyArgs(threshold=0.5))
+
+
+@pytest.mark.parametrize(
+    ("hires", "exact"),
+    [pytest.param(2.0, True, id="hires-x2"), pytest.param(1.5, False, id="hires-x1.5")],
+)
+def test_a_hires_latent_resizes_pass_ones_latent_mask(hires, exact):
+    base = (64, 65)
+    binary = random_binary(7, ceil_level(base, RECORD_LEVEL))
+    masks = MaskSet(binary, [M.MaskStatus.OK] * 2, [0.5] * 2, [1] * 2, latent_hw=base)
+    big = (round(base[0] * hires), round(base[1] * hires))
+    latent = masks.latent_masks(big)
+    assert latent.shape == (2, *big) and set(latent.unique().tolist()) <= {0.0, 1.0}
+    if exact:  # twice the size: cell i is pass 1's latent cell i // 2
+        assert torch.equal(latent, M.regrid(masks.latent_masks(base), big))
+    for level in range(4):
+        layer = layer_weights(masks, big, level)
+        assert set(layer.unique().tolist()) <= {0.0, 1.0}
 
 
 # -- regrid: the arithmetic itself, for masks and for the recorder's soft maps ---------------------
