@@ -47,6 +47,82 @@ def layer_size(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
         h, w = (h + 1) // 2, (w + 1) // 2
 
 
+def level_size(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """The (h, w) of UNet level ``level`` of a latent: ``ceil(H / 2**level) × ceil(W / 2**level)``."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def level_of(hw: tuple[int, int], latent_hw: tuple[int, int]) -> int:
+    """The UNet level whose grid is ``hw`` for a latent (or any finer grid) of ``latent_hw``.
+
+    The fewest round-up halvings of ``latent_hw`` that give ``hw`` on both axes (a 1×1 grid is
+    every level past the last halving; the fewest is taken). Raises ValueError, naming the levels
+    there are, when no level has that grid.
+    """
+    hw, latent_hw = (int(hw[0]), int(hw[1])), (int(latent_hw[0]), int(latent_hw[1]))
+    if min(hw) < 1 or min(latent_hw) < 1:
+        raise ValueError(f"grid sizes must be positive, got {hw} and {latent_hw}")
+    levels = [latent_hw]
+    while levels[-1] != hw and levels[-1] != (1, 1):
+        levels.append(level_size(levels[-1], 1))
+    if levels[-1] != hw:
+        named = ", ".join(f"{h}×{w}" for h, w in levels)
+        raise ValueError(
+            f"a {hw[0]}×{hw[1]} grid is no UNet level of a {latent_hw[0]}×{latent_hw[1]} grid "
+            f"(its levels, halving with round-up: {named})"
+        )
+    return len(levels) - 1
+
+
+REDUCTIONS = ("max", "mean")
+
+
+def regrid(maps: torch.Tensor, size: tuple[int, int], reduce: str = "mean") -> torch.Tensor:
+    """Move ``[..., h, w]`` maps to the ``size`` grid by the UNet's own index arithmetic.
+
+    Both grids must be levels of one latent: the coarser is the finer halved ``d`` times with
+    round-up, so coarse cell ``(y, x)`` is fine cells ``[y·2^d, (y+1)·2^d) × [x·2^d, (x+1)·2^d)``
+    clipped to the fine grid (a stride-2 conv's output ``y`` is centred on input ``2y``; nearest
+    ×2 upsampling maps fine ``i`` to coarse ``i // 2``). Returns ``[..., *size]``.
+
+    To a finer grid every fine cell takes its coarse cell's value (a gather, ``i >> d`` on each
+    axis; dtype kept). To a coarser grid every coarse cell reduces its block: ``"max"`` (a binary
+    mask stays binary: a cell is subject if any of its cells is) or ``"mean"`` over the block's
+    cells inside the fine grid (soft maps; float). Gathering up then reducing gives the map back
+    unchanged with either reduction. Raises ValueError when the sizes are not so related.
+    """
+    if maps.ndim < 2:
+        raise ValueError(f"expected maps [..., h, w], got {tuple(maps.shape)}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    h, w = maps.shape[-2:]
+    size = (int(size[0]), int(size[1]))
+    if size == (h, w):
+        return maps
+    if size[0] >= h and size[1] >= w:
+        d = level_of((h, w), size)
+        rows = torch.arange(size[0], device=maps.device) >> d
+        cols = torch.arange(size[1], device=maps.device) >> d
+        return maps.index_select(-2, rows).index_select(-1, cols)
+    d = level_of(size, (h, w))
+    s = 1 << d
+    out_h, out_w = size
+    pad = (0, out_w * s - w, 0, out_h * s - h)
+    lead = maps.shape[:-2]
+    x = maps if maps.is_floating_point() else maps.float()
+    if reduce == "max":
+        x = F.pad(x, pad, value=float("-inf"))
+        return x.reshape(*lead, out_h, s, out_w, s).amax(dim=(-3, -1)).to(maps.dtype)
+    sums = F.pad(x, pad).reshape(*lead, out_h, s, out_w, s).sum(dim=(-3, -1))
+    # edge blocks of an odd grid hold fewer cells; dividing by s*s would shrink them
+    rows = (h - s * torch.arange(out_h, device=maps.device)).clamp(max=s)
+    cols = (w - s * torch.arange(out_w, device=maps.device)).clamp(max=s)
+    return sums / (rows[:, None] * cols[None, :]).to(sums.dtype)
+
+
 def minmax_normalize(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-map min-max normalisation over the last dimension.
 
@@ -146,7 +222,11 @@ def image_mask(
 
 def resize(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize ``[B, h, w]`` masks to ``size``: nearest-exact where a side grows, area where it
-    shrinks, so a binary mask stays binary when enlarged and zero stays exactly zero."""
+    shrinks, so a binary mask stays binary when enlarged and zero stays exactly zero.
+
+    For grids that are no UNet levels of one another (image pixels, a hires-fix latent); between
+    levels ``regrid`` is exact. Growing by an integer factor ``f`` is the gather ``i // f``.
+    """
     if masks.ndim != 3:
         raise ValueError(f"expected masks [B, h, w], got {tuple(masks.shape)}")
     h, w = masks.shape[-2:]

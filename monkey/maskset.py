@@ -25,17 +25,35 @@ class MaskSet:
     dilate_px: int = 0
     feather_px: int = 0
     outside_weight: float = 0.0
+    latent_hw: tuple[int, int] | None = None
+    """Pass 1's latent, of which ``binary``'s grid is a UNet level; None: whichever latent is
+    asked for (``binary``'s grid must then be one of its levels)."""
     _latent: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _layer: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.latent_hw is not None:  # a grid mismatch fails here, not inside pass 2's UNet
+            self.latent_hw = (int(self.latent_hw[0]), int(self.latent_hw[1]))
+            M.level_of(tuple(self.binary.shape[-2:]), self.latent_hw)
 
     @property
     def n_images(self) -> int:
         return self.binary.shape[0]
 
     def latent_masks(self, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """``[B_img, H, W]`` float masks at a latent size, dilated and feathered there."""
+        """``[B_img, H, W]`` float masks at a latent size, dilated and feathered there.
+
+        On pass 1's latent every latent cell takes its recording-grid cell's value by the UNet's
+        index arithmetic (``M.regrid``), so ``weights`` at the recording layer give back the
+        recorded mask unchanged. A hires-fix latent is the image resized, no UNet level of pass
+        1's, so pass 1's latent mask is resized to it (nearest where it grows: stays binary).
+        """
+        latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         if latent_hw not in self._latent:
-            out = M.resize(self.binary.float(), latent_hw)
+            source = self.latent_hw or latent_hw
+            out = M.regrid(self.binary.float(), source)
+            if source != latent_hw:
+                out = M.resize(out, latent_hw)
             out = M.dilate(out, round(self.dilate_px / PX_PER_LATENT))
             out = M.feather(out, self.feather_px / (2 * PX_PER_LATENT))
             self._latent[latent_hw] = out
@@ -48,7 +66,11 @@ class MaskSet:
         key = (n_tokens, latent_hw, str(device))
         if key not in self._layer:
             hw = M.layer_size(n_tokens, latent_hw)
-            layer = M.resize(self.latent_masks(latent_hw), hw).reshape(self.n_images, -1)
+            # max: a layer cell is subject if any of its latent cells is, so a binary mask stays
+            # binary on every layer; a feathered mask is averaged over the cells instead
+            reduce = "max" if self.feather_px <= 0 else "mean"
+            layer = M.regrid(self.latent_masks(latent_hw), hw, reduce)
+            layer = layer.reshape(self.n_images, -1)
             self._layer[key] = M.ip_weights(layer, self.outside_weight).to(device)
         return self._layer[key]
 
@@ -91,4 +113,5 @@ def build(recorded: RecordedMaps, args: MonkeyArgs, image_offset: int = 0) -> Ma
         dilate_px=args.dilate,
         feather_px=args.feather,
         outside_weight=args.outside_weight,
+        latent_hw=recorded.latent_hw,
     )
