@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .args import AUTO, DEFAULT, PAPER_TOKEN, PAPER_TOKENS, MonkeyArgsError, Token
 from .attention import logit_scale, token_maps
-from .masks import layer_size
+from .masks import layer_size, regrid
 from .rows import Rows
 
 
@@ -136,11 +135,8 @@ class MapRecorder:
                     continue
                 sums, counts = self._sums[(step, layer)].cpu(), self._counts[(step, layer)].cpu()
                 per_image = (-1,) + (1,) * (sums.ndim - 1)
-                grids.append(
-                    self._to_grid(
-                        sums / counts.clamp_min(1.0).view(per_image), self._sizes[layer], size
-                    )
-                )
+                flat = sums / counts.clamp_min(1.0).view(per_image)
+                grids.append(regrid(flat.reshape(*flat.shape[:-1], *self._sizes[layer]), size))
                 seen.append(
                     (counts > 0)
                     .float()
@@ -154,16 +150,4 @@ class MapRecorder:
         tokens, token = self._resolved
         return RecordedMaps(
             torch.stack(per_step, dim=1), self.steps(), self._latent_hw, token, tokens
-        )
-
-    @staticmethod
-    def _to_grid(maps: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-        """``[B, (T,) N]`` flat maps -> ``[B, (T,) h, w]`` on the ``size`` grid (bilinear)."""
-        grid = maps.reshape(*maps.shape[:-1], *hw)
-        if hw == size:
-            return grid
-        lead = grid.shape[:-2]
-        flat = grid.reshape(-1, 1, *hw)
-        return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(
-            *lead, *size
         )

@@ -149,12 +149,12 @@ def test_layer_shapes_are_the_unets_round_up_halvings(latent_hw, level):
 def test_build_keeps_pass_ones_latent_and_rejects_a_grid_of_another(latent_hw):
     hw = ceil_level(latent_hw, RECORD_LEVEL)
     maps = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0))
-    built = build(RecordedMaps(maps, (1, 2, 3), latent_hw), MonkeyArgs(threshold=0.5))
+    built = build(RecordedMaps(maps, (1, 2, 3), latent_hw, 1, 4), MonkeyArgs(threshold=0.5))
     assert built.latent_hw == latent_hw
     assert torch.equal(layer_weights(built, latent_hw, RECORD_LEVEL), built.binary.float())
     wrong = torch.rand(2, 3, hw[0] + 1, hw[1], generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="no UNet level"):
-        build(RecordedMaps(wrong, (1, 2, 3), latent_hw), MonkeyArgs(threshold=0.5))
+        build(RecordedMaps(wrong, (1, 2, 3), latent_hw, 1, 4), MonkeyArgs(threshold=0.5))
 
 
 @pytest.mark.parametrize(

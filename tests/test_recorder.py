@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from monkey.args import MonkeyArgsError
 from monkey.attention import token_maps
@@ -55,9 +54,9 @@ def test_layers_of_different_resolutions_average_on_the_finest_grid():
     recorder.observe(3, "coarse", qc, kc, rows)
     recorder.observe(3, "other", qc, kc, rows)  # not a source layer: ignored
     fine = token_maps(qf[:1], kf[:1], 2).reshape(1, 1, 8, 8)
-    coarse = F.interpolate(
-        token_maps(qc[:1], kc[:1], 2).reshape(1, 1, 4, 4), size=(8, 8), mode="bilinear"
-    )
+    # the UNet's own correspondence: fine cell i lies in coarse cell i // 2
+    coarse = token_maps(qc[:1], kc[:1], 2).reshape(1, 1, 4, 4)
+    coarse = coarse.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
     result = recorder.result()
     assert result.maps.shape == (1, 1, 8, 8) and result.steps == (3,)
     torch.testing.assert_close(result.maps[0, 0], ((fine + coarse) / 2)[0, 0])

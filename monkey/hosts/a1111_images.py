@@ -16,7 +16,7 @@ def mask_image(masks: MaskSet, image: int, size: tuple[int, int]) -> Image.Image
     """The mask pass 2 applied to ``image`` (dilated and feathered), as a greyscale image of
     ``size`` (width, height): white is subject, where IP-Adapter acts."""
     width, height = size
-    latent_hw = (max(1, round(height / PX_PER_LATENT)), max(1, round(width / PX_PER_LATENT)))
+    latent_hw = (max(1, height // PX_PER_LATENT), max(1, width // PX_PER_LATENT))  # as the WebUI
     latent = masks.latent_masks(latent_hw)[image : image + 1]
     full = M.resize(latent, (height, width))[0]
     return Image.fromarray((full.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
