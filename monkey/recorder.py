@@ -91,11 +91,10 @@ class MapRecorder:
             return
         if query.shape[0] != rows.images.numel():
             raise ValueError(f"query has {query.shape[0]} rows, the row map {rows.images.numel()}")
-        cond = rows.cond.nonzero().squeeze(1)
-        if cond.numel() == 0:
+        if not bool(rows.cond.any()):  # rows live on the CPU: no device sync
             return
         device = query.device
-        cond_dev = cond.to(device)
+        _, cond_dev, images = rows.on(device)
         tokens = ip_key.shape[2]
         if self._resolved is None:
             self._resolved = (tokens, resolve_token(self.token, tokens))
@@ -118,7 +117,6 @@ class MapRecorder:
                 (self.n_images, *maps.shape[1:]), dtype=torch.float32, device=device
             )
             self._counts[key] = torch.zeros(self.n_images, dtype=torch.float32, device=device)
-        images = rows.images.index_select(0, cond).to(device)
         self._sums[key].index_add_(0, images, maps)
         self._counts[key].index_add_(0, images, torch.ones_like(images, dtype=torch.float32))
 

@@ -10,7 +10,7 @@ the start of each denoiser call recovers the mapping for every one of these layo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,13 +55,30 @@ class RowLayout:
 
 @dataclass(frozen=True)
 class Rows:
-    """The rows of one UNet call."""
+    """The rows of one UNet call (the same object for the same rows at every step, so what is
+    derived from it is computed once per pass)."""
 
     images: torch.Tensor
     """``[R]`` long: image index (within the batch) of each row."""
     cond: torch.Tensor
     """``[R]`` bool: cond rows."""
     latent_hw: tuple[int, int]
+    key: tuple = ()
+    """Hashable identity of the rows: (image, is_cond) per row and the latent size."""
+    _on: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row images, cond row indices, their images) on ``device``; copied there once, since
+        a host-to-device copy inside a UNet call waits for the device."""
+        key = str(device)
+        if key not in self._on:
+            cond = self.cond.nonzero().squeeze(1)
+            self._on[key] = (
+                self.images.to(device),
+                cond.to(device),
+                self.images.index_select(0, cond).to(device),
+            )
+        return self._on[key]
 
 
 class RowTracker:
@@ -71,17 +88,23 @@ class RowTracker:
         self.layout = layout
         self.offset = 0
         self.current: Rows | None = None
+        self._seen: dict[tuple, Rows] = {}
 
     def new_denoiser_call(self) -> None:
         self.offset = 0
         self.current = None
 
     def unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
-        pairs = [self.layout.row(self.offset + i) for i in range(n_rows)]
+        hw = (int(latent_hw[0]), int(latent_hw[1]))
+        pairs = tuple(self.layout.row(self.offset + i) for i in range(n_rows))
         self.offset += n_rows
-        self.current = Rows(
-            images=torch.tensor([image for image, _ in pairs], dtype=torch.long),
-            cond=torch.tensor([cond for _, cond in pairs], dtype=torch.bool),
-            latent_hw=(int(latent_hw[0]), int(latent_hw[1])),
-        )
+        key = (pairs, hw)
+        if key not in self._seen:
+            self._seen[key] = Rows(
+                images=torch.tensor([image for image, _ in pairs], dtype=torch.long),
+                cond=torch.tensor([cond for _, cond in pairs], dtype=torch.bool),
+                latent_hw=hw,
+                key=key,
+            )
+        self.current = self._seen[key]
         return self.current

@@ -75,6 +75,7 @@ class MonkeySession:
         self.phase = phase
         self.step, self.total = 0, 0
         self.clock = None
+        self._weights.clear()
         self.plans.pop(phase, None)
         self.rows.new_denoiser_call()
 
@@ -114,7 +115,6 @@ class MonkeySession:
         return self.plans.get(self.phase) or _NO_PLAN
 
     def begin_unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
-        self._weights.clear()
         return self.rows.unet_call(n_rows, latent_hw)
 
     def should_stop(self) -> bool:
@@ -148,15 +148,18 @@ class MonkeySession:
             return IPAction.MASKED
         return IPAction.OFF if self.args.ip_off_outside else IPAction.PLAIN
 
-    def weights(self, n_tokens: int, device: torch.device) -> torch.Tensor:
-        """``[R, N, 1]`` IP weights for the rows of the current UNet call at a layer of N positions."""
+    def weights(
+        self, n_tokens: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """``[R, N, 1]`` IP weights for the rows of the current UNet call at a layer of N positions,
+        built once per pass for each row layout, layer size, device and dtype, then only reused."""
         rows = self.rows.current
         if self.masks is None or rows is None:
             raise RuntimeError("no masks or no UNet call in progress")
-        key = (n_tokens, str(device))
+        key = (rows.key, n_tokens, str(device), dtype)
         if key not in self._weights:
             per_image = self.masks.weights(n_tokens, rows.latent_hw, device)
-            self._weights[key] = row_weights(per_image, rows.images)
+            self._weights[key] = row_weights(per_image, rows.images).to(dtype)
         return self._weights[key]
 
     # -- between the passes ---------------------------------------------------------------------

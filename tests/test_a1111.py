@@ -156,9 +156,9 @@ def test_hires_fix_only_in_pass_two_with_the_mask_at_hires_size(webui):
     seen_hw = []
     real_weights = MonkeySession.weights
 
-    def spy(self, n_tokens, device):
+    def spy(self, n_tokens, *args):
         seen_hw.append(self.rows.current.latent_hw)
-        return real_weights(self, n_tokens, device)
+        return real_weights(self, n_tokens, *args)
 
     MonkeySession.weights = spy
     try:

@@ -191,7 +191,7 @@ def wrap(hack: IPHack, session: MonkeySession, records: bool) -> Callable:
         if records and session.wants_record(hack.layer):
             _record(hack, session, q, out)
         if action is IPAction.MASKED and isinstance(out, torch.Tensor):
-            out = masks.apply(out, session.weights(out.shape[1], out.device))
+            out = masks.apply(out, session.weights(out.shape[1], out.device, out.dtype))
         return out
 
     monkey_ip_hack.__wrapped__ = fn

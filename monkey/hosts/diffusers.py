@@ -90,12 +90,18 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         ip_adapter_masks=None,
     ) -> torch.Tensor:
         session = self.session
-        if session.active and ip_adapter_masks is None and isinstance(encoder_hidden_states, tuple):
-            action = session.ip_action()
-            if action is not IPAction.PLAIN:
-                ip_adapter_masks = self._masks(hidden_states, encoder_hidden_states[1], action)
+        action = session.ip_action() if session.active else IPAction.PLAIN
+        masked = action is IPAction.MASKED and ip_adapter_masks is None
+        if masked and isinstance(encoder_hidden_states, tuple):
+            ip_adapter_masks = self._masks(hidden_states, encoder_hidden_states[1])
         self.armed = session.active and session.wants_record(self.name)
+        # IP-Adapter off: scale 0 makes diffusers skip the image attention altogether, so such a
+        # step costs less than a plain IP-Adapter step instead of computing it to multiply by 0
+        scale_off = action is IPAction.OFF and isinstance(getattr(self.inner, "scale", None), list)
+        saved = self.inner.scale if scale_off else None
         try:
+            if scale_off:
+                self.inner.scale = [0.0] * len(saved)
             out = self.inner(
                 attn,
                 hidden_states,
@@ -109,6 +115,8 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
                 heads = attn.heads
                 session.observe(self.name, split_heads(self.captured["q"], heads), self._key(heads))
         finally:
+            if scale_off:
+                self.inner.scale = saved
             self.armed = False
             self.captured.clear()
         return out
@@ -117,17 +125,14 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         key = self.captured["k"]  # [R, images, T, C]: diffusers concatenates the images' tokens
         return split_heads(key.reshape(key.shape[0], -1, key.shape[-1]), heads)
 
-    def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor], action: IPAction):
+    def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor]):
         rows = hidden_states.shape[0]
         n_tokens = (
             hidden_states.shape[1]
             if hidden_states.ndim == 3
             else math.prod(hidden_states.shape[2:])
         )
-        if action is IPAction.OFF:
-            weights = torch.zeros(rows, n_tokens, 1, device=hidden_states.device)
-        else:
-            weights = self.session.weights(n_tokens, hidden_states.device)
+        weights = self.session.weights(n_tokens, hidden_states.device, hidden_states.dtype)
         hw = layer_size(n_tokens, self.session.rows.current.latent_hw)
         grid = weights.reshape(rows, 1, *diffusers_mask_grid(n_tokens, hw))
         return [grid.expand(rows, state.shape[1], *grid.shape[-2:]) for state in ip_states]
