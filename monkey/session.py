@@ -66,6 +66,8 @@ class MonkeySession:
         self.history: list[tuple[Phase, StepPlan]] = []
         """Every sampler run's plan in order: pass 1, pass 2 and its hires pass."""
         self._weights: dict[tuple, torch.Tensor] = {}
+        self._recording = False
+        self._action = IPAction.PLAIN
 
     # -- clock ----------------------------------------------------------------------------------
 
@@ -76,11 +78,13 @@ class MonkeySession:
         self.step, self.total = 0, 0
         self.clock = None
         self._weights.clear()
+        self._decide()
         self.plans.pop(phase, None)
         self.rows.new_denoiser_call()
 
     def end(self) -> None:
         self.phase = Phase.IDLE
+        self._decide()
 
     @property
     def active(self) -> bool:
@@ -97,6 +101,7 @@ class MonkeySession:
                 (self.args.apply_start, self.args.apply_end),
             )
             self.history.append((self.phase, self.plan))
+        self._decide()
         self.rows.new_denoiser_call()
 
     def use_schedule(self, clock: StepClock | None) -> None:
@@ -130,11 +135,7 @@ class MonkeySession:
     # -- per layer ------------------------------------------------------------------------------
 
     def wants_record(self, layer: str) -> bool:
-        return (
-            self.phase is Phase.RECORD
-            and layer in self.source_layers
-            and self.step in self.plan.record
-        )
+        return self._recording and layer in self.source_layers
 
     def observe(self, layer: str, query: torch.Tensor, ip_key: torch.Tensor) -> None:
         """query ``[R, heads, N, d]`` and ip_key ``[R, heads, T, d]`` of the current UNet call."""
@@ -142,11 +143,17 @@ class MonkeySession:
             self.recorder.observe(self.step, layer, query, ip_key, self.rows.current)
 
     def ip_action(self) -> IPAction:
+        return self._action
+
+    def _decide(self) -> None:
+        """This step's decisions, made once per denoiser call: every layer asks for them."""
+        self._recording = self.phase is Phase.RECORD and self.step in self.plan.record
         if self.phase is not Phase.APPLY:
-            return IPAction.PLAIN
-        if self.step in self.plan.apply:
-            return IPAction.MASKED
-        return IPAction.OFF if self.args.ip_off_outside else IPAction.PLAIN
+            self._action = IPAction.PLAIN
+        elif self.step in self.plan.apply:
+            self._action = IPAction.MASKED
+        else:
+            self._action = IPAction.OFF if self.args.ip_off_outside else IPAction.PLAIN
 
     def weights(
         self, n_tokens: int, device: torch.device, dtype: torch.dtype = torch.float32

@@ -70,6 +70,7 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         self.source_adapter = source_adapter
         object.__setattr__(self, "session", session)
         object.__setattr__(self, "captured", {})
+        object.__setattr__(self, "_mask_lists", {})
         self.armed = False
 
     def capture(self, key: str):
@@ -126,16 +127,30 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         return split_heads(key.reshape(key.shape[0], -1, key.shape[-1]), heads)
 
     def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor]):
-        rows = hidden_states.shape[0]
-        n_tokens = (
-            hidden_states.shape[1]
-            if hidden_states.ndim == 3
-            else math.prod(hidden_states.shape[2:])
+        """The ``ip_adapter_masks`` list for this call, built once per pass and row layout."""
+        session = self.session
+        rows = session.rows.current
+        key = (
+            id(session.masks),
+            rows.key,
+            hidden_states.shape,
+            hidden_states.dtype,
+            len(ip_states),
         )
-        weights = self.session.weights(n_tokens, hidden_states.device, hidden_states.dtype)
-        hw = layer_size(n_tokens, self.session.rows.current.latent_hw)
-        grid = weights.reshape(rows, 1, *diffusers_mask_grid(n_tokens, hw))
-        return [grid.expand(rows, state.shape[1], *grid.shape[-2:]) for state in ip_states]
+        if key not in self._mask_lists:
+            n_tokens = (
+                hidden_states.shape[1]
+                if hidden_states.ndim == 3
+                else math.prod(hidden_states.shape[2:])
+            )
+            weights = session.weights(n_tokens, hidden_states.device, hidden_states.dtype)
+            hw = layer_size(n_tokens, rows.latent_hw)
+            grid = weights.reshape(weights.shape[0], 1, *diffusers_mask_grid(n_tokens, hw))
+            self._mask_lists.clear()  # one pass's masks at a time
+            self._mask_lists[key] = [
+                grid.expand(grid.shape[0], state.shape[1], *grid.shape[-2:]) for state in ip_states
+            ]
+        return self._mask_lists[key]
 
 
 class DiffusersMonkey:

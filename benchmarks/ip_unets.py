@@ -1,0 +1,177 @@
+"""Random-weight SD1.5- and SDXL-shaped UNets with IP-Adapter, reached through either hook path.
+
+* ``diffusers``: IP-Adapter weights loaded by diffusers' own loader; MONKEY wraps diffusers'
+  ``IPAdapterAttnProcessor2_0`` (``monkey.hosts.diffusers``).
+* ``controlnet``: the same UNet with sd-webui-controlnet's shape of IP-Adapter: every attn2 adds
+  ``sum(f(attn, x, q) for f in attn.ipadapter_hacks)`` to its text attention, each ``f`` a
+  ``@torch.no_grad()`` closure over its adapter (``self``) and layer ``number`` that projects and
+  caches the IP keys once per generation; MONKEY wraps those entries (``monkey.hosts.controlnet``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from tiny import ip_adapter_state_dict  # noqa: E402
+
+TOKENS = 4
+
+
+def unet_config(model: str, full_size: bool) -> dict:
+    if model == "sd15":
+        width = 320 if full_size else 32
+        return {
+            "sample_size": 64,
+            "block_out_channels": (width, 2 * width, 4 * width, 4 * width),
+            "layers_per_block": 2,
+            "cross_attention_dim": 768 if full_size else 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32 if full_size else 8,
+        }
+    width = 320 if full_size else 32
+    return {
+        "sample_size": 128,
+        "block_out_channels": (width, 2 * width, 4 * width),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20) if full_size else (1, 2, 4),
+        "cross_attention_dim": 2048 if full_size else 64,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256 if full_size else 8,
+        "projection_class_embeddings_input_dim": (2816 if full_size else 64 + 6 * 8),
+        "norm_num_groups": 32 if full_size else 8,
+    }
+
+
+@dataclass
+class Model:
+    unet: UNet2DConditionModel
+    text: torch.Tensor
+    """``[2B, L, C]`` uncond rows then cond rows (diffusers); the WebUI path flips them."""
+    added: dict
+    image_embeds: torch.Tensor | None
+    path: str
+
+
+def build(model: str, path: str, full_size: bool, images: int, device, dtype) -> Model:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config(model, full_size)).eval()
+    state = ip_adapter_state_dict(unet, seed=1, tokens=TOKENS)
+    gen = torch.Generator().manual_seed(2)
+    cross = unet.config.cross_attention_dim
+    rows = 2 * images
+    text = torch.randn(rows, 77, cross, generator=gen)
+    added = {}
+    if model == "sdxl":
+        pooled = (
+            unet.config.projection_class_embeddings_input_dim
+            - 6 * unet.config.addition_time_embed_dim
+        )
+        added = {
+            "text_embeds": torch.randn(rows, pooled, generator=gen),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * rows),
+        }
+    image_embeds = None
+    if path == "diffusers":
+        unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+        clip = state["image_proj"]["proj.weight"].shape[1]
+        image_embeds = torch.randn(rows, 1, clip, generator=gen)
+    else:
+        ControlNetShapedIP(unet, state["ip_adapter"], gen).hook()
+    unet = unet.to(device=device, dtype=dtype)
+    cast = {"device": device, "dtype": dtype}
+    return Model(
+        unet,
+        text.to(**cast),
+        {k: v.to(**cast) for k, v in added.items()},
+        None if image_embeds is None else image_embeds.to(**cast),
+        path,
+    )
+
+
+class ControlNetShapedIP(torch.nn.Module):
+    """The parts of ControlNet's ``PlugableIPAdapter`` its closures use (one unit, weight 1)."""
+
+    def __init__(self, unet: UNet2DConditionModel, ip_weights: dict, gen: torch.Generator):
+        super().__init__()
+        object.__setattr__(self, "unet", unet)  # not a submodule: the UNet owns this adapter
+        cross = unet.config.cross_attention_dim
+        self.to_kvs = torch.nn.ModuleDict()
+        for name, weight in ip_weights.items():
+            index, kind = name.removesuffix(".weight").split(".")
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight.data = weight
+            self.to_kvs[f"{index}_{kind}"] = linear
+        self.cond_emb = torch.nn.Parameter(torch.randn(1, TOKENS, cross, generator=gen))
+        self.uncond_emb = torch.nn.Parameter(torch.zeros(1, TOKENS, cross))
+        self.weight = 1.0
+        self.cache: dict = {}
+
+    def call_ip(self, key: str, feat: torch.Tensor) -> torch.Tensor:
+        if key not in self.cache:
+            self.cache[key] = self.to_kvs[key](feat)
+        return self.cache[key]
+
+    def patch_forward(self, number: int):
+        @torch.no_grad()
+        def forward(attn_blk, x, q):
+            batch, _, inner = x.shape
+            heads = attn_blk.heads
+            mark = self.unet.cond_mark[:, :, 0, 0][:, :, None].to(q.dtype)  # [B, 1, 1]
+            emb = self.cond_emb * mark + self.uncond_emb * (1 - mark)
+            k = self.call_ip(f"{number * 2 + 1}_to_k_ip", emb)
+            v = self.call_ip(f"{number * 2 + 1}_to_v_ip", emb)
+            k, v = (t.view(batch, -1, heads, inner // heads).transpose(1, 2) for t in (k, v))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, inner)
+            return out * self.weight
+
+        return forward
+
+    def hook(self) -> None:
+        self.unet.add_module("controlnet_ip", self)
+        names = [n for n in self.unet.attn_processors if n.endswith("attn2.processor")]
+        for number, name in enumerate(names):
+            attn = self.unet.get_submodule(name.removesuffix(".processor"))
+            attn.ipadapter_hacks = [self.patch_forward(number)]
+            attn.set_processor(HackedAttention())
+
+    def new_generation(self, cond_mark: torch.Tensor) -> None:
+        self.cache = {}
+        self.unet.cond_mark = cond_mark
+
+
+class HackedAttention:
+    """ControlNet's hacked attn2 forward: text attention plus each IP hack's output."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
+        batch, n, inner = hidden_states.shape
+        heads = attn.heads
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (
+            t.view(batch, -1, heads, inner // heads).transpose(1, 2)
+            for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, n, inner)
+        for f in attn.ipadapter_hacks:
+            out = out + f(attn, hidden_states, q)
+        return attn.to_out[1](attn.to_out[0](out))
