@@ -349,39 +349,36 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     return x
 
 
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """Second evaluation at the *next* step's sigma, after the step's callback."""
+def _second_order(model, x, sigmas, extra_args, callback, second, combine):
+    """k-diffusion's two-evaluation steps: the step's callback comes after the first evaluation;
+    the second runs at ``second(sigma, sigma_next)``; the last step (to sigma 0) is Euler's."""
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma * s_in, **extra_args)
-        d = (x - denoised) / sigma
-        callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
+        d = (x - model(x, sigma * s_in, **extra_args)) / sigma
+        callback({"x": x, "i": i, "sigma": sigmas[i]})
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
-        else:
-            x_2 = x + d * (sigma_next - sigma)
-            d_2 = (x_2 - model(x_2, sigma_next * s_in, **extra_args)) / sigma_next
-            x = x + (d + d_2) / 2 * (sigma_next - sigma)
+            continue
+        at = second(sigma, sigma_next)
+        x_2 = x + d * (at - sigma)
+        d_2 = (x_2 - model(x_2, at * s_in, **extra_args)) / at
+        x = x + combine(d, d_2) * (sigma_next - sigma)
     return x
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Second evaluation at the *next* step's sigma."""
+    return _second_order(
+        model, x, sigmas, extra_args, callback, lambda _s, nxt: nxt, lambda d, d2: (d + d2) / 2
+    )
 
 
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """Second evaluation at the geometric midpoint of the step."""
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma * s_in, **extra_args)
-        d = (x - denoised) / sigma
-        callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            mid = (sigma * sigma_next) ** 0.5
-            x_2 = x + d * (mid - sigma)
-            d_2 = (x_2 - model(x_2, mid * s_in, **extra_args)) / mid
-            x = x + d_2 * (sigma_next - sigma)
-    return x
+    return _second_order(
+        model, x, sigmas, extra_args, callback, lambda s, nxt: (s * nxt) ** 0.5, lambda _d, d2: d2
+    )
 
 
 def sample_dpm_adaptive(

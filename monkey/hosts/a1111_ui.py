@@ -217,56 +217,24 @@ def add_xyz_axes() -> None:
     xyz = found[0].module
     if any(getattr(option, "label", "").startswith("[MONKEY]") for option in xyz.axis_options):
         return
+    axes = [
+        ("Enabled", "enabled", str, xyz.boolean_choice(reverse=True)),
+        ("Threshold", "threshold", float, None),
+        ("Token", "token", str, lambda: list(TOKEN_CHOICES)),
+        ("Layer", "layers", str, lambda: list(LAYER_CHOICES)),
+        ("Attention scale", "attention_scale", str, lambda: list(ATTENTION_SCALES)),
+        ("Recorded steps", "record_steps", str, lambda: list(RECORD_STEPS_CHOICES)),
+        ("Pass 1 steps", "pass1_steps", float, None),
+    ]
     xyz.axis_options.extend(
-        [
-            xyz.AxisOption(
-                "[MONKEY] Enabled",
-                str,
-                _xyz_apply("enabled"),
-                choices=xyz.boolean_choice(reverse=True),
-                confirm=_xyz_confirm("enabled"),
-            ),
-            xyz.AxisOption(
-                "[MONKEY] Threshold",
-                float,
-                _xyz_apply("threshold"),
-                confirm=_xyz_confirm("threshold"),
-            ),
-            xyz.AxisOption(
-                "[MONKEY] Token",
-                str,
-                _xyz_apply("token"),
-                confirm=_xyz_confirm("token"),
-                choices=lambda: list(TOKEN_CHOICES),
-            ),
-            xyz.AxisOption(
-                "[MONKEY] Layer",
-                str,
-                _xyz_apply("layers"),
-                confirm=_xyz_confirm("layers"),
-                choices=lambda: list(LAYER_CHOICES),
-            ),
-            xyz.AxisOption(
-                "[MONKEY] Attention scale",
-                str,
-                _xyz_apply("attention_scale"),
-                confirm=_xyz_confirm("attention_scale"),
-                choices=lambda: list(ATTENTION_SCALES),
-            ),
-            xyz.AxisOption(
-                "[MONKEY] Recorded steps",
-                str,
-                _xyz_apply("record_steps"),
-                confirm=_xyz_confirm("record_steps"),
-                choices=lambda: list(RECORD_STEPS_CHOICES),
-            ),
-            xyz.AxisOption(
-                "[MONKEY] Pass 1 steps",
-                float,
-                _xyz_apply("pass1_steps"),
-                confirm=_xyz_confirm("pass1_steps"),
-            ),
-        ]
+        xyz.AxisOption(
+            f"[MONKEY] {label}",
+            kind,
+            _xyz_apply(name),
+            confirm=_xyz_confirm(name),
+            **({"choices": choices} if choices else {}),
+        )
+        for label, name, kind, choices in axes
     )
 
 
