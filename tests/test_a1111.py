@@ -599,6 +599,18 @@ def test_nothing_recorded_with_hires_still_returns_the_plain_hires_image(webui):
     assert_clean(webui, p)
 
 
+@pytest.mark.parametrize("pass1_steps", [0.5, 1.0], ids=["short-pass-1", "full-pass-1"])
+def test_nothing_recorded_returns_the_plain_image_whatever_pass_one_ran(webui, pass1_steps):
+    units = [{"seed": 7, "start": 0.8, "end": 1.0}]  # the unit is off during the record window
+    plain = make_p(webui, monkey=False, units=units, **SIZE)
+    generate(webui, plain)
+    p = make_p(webui, with_fields(ON, pass1_steps=pass1_steps), units=units, **SIZE)
+    processed = generate(webui, p)
+    assert (latents(p) - latents(plain)).abs().max() <= 1e-6  # never pass 1's shorter image
+    assert "no IP-Adapter attention was recorded" in processed.infotexts[0]
+    assert_clean(webui, p)
+
+
 def test_controlnet_hooks_it_cannot_read_are_left_alone_with_a_message(webui, monkeypatch):
     monkeypatch.setattr(controlnet, "closure_vars", lambda fn: {})
     plain = make_p(webui, monkey=False, **SIZE)
@@ -714,3 +726,26 @@ def test_a_token_past_the_adapters_count_fails_the_generation_naming_the_count(w
     with pytest.raises(MonkeyArgsError, match="this IP-Adapter has 4 image tokens"):
         generate(webui, p)
     assert_no_hooks(webui, p)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "levels", "end_evals"),
+    [
+        ("Euler a", {"sigmas": torch.tensor([9.0, 4.0, 1.0, 0.0])}, [9.0, 4.0, 1.0], 0),
+        ("Heun", {"sigmas": torch.tensor([9.0, 4.0, 0.0])}, [9.0, 4.0], 1 << 30),
+        ("DDIM", {"timesteps": torch.tensor([1, 251, 501, 751])}, [751.0, 501.0, 251.0, 1.0], 0),
+        ("PLMS", {"timesteps": torch.tensor([1, 501])}, [501.0, 1.0], 1),
+        ("DPM fast", {"sigma_min": 0.1, "sigma_max": 10.0, "n": 2}, [10.0, 1.0], 0),
+        ("LMS", {}, None, None),
+    ],
+    ids=["k-diffusion", "heun", "ddim", "plms", "dpm-fast", "unreadable"],
+)
+def test_the_schedule_is_read_from_what_the_sampler_function_is_handed(
+    name, kwargs, levels, end_evals
+):
+    sampler = type("Sampler", (), {"config": type("Config", (), {"name": name})()})()
+    clock = a1111.sampler_clock(sampler, None, kwargs)
+    if levels is None:
+        assert clock is None  # the host then counts denoiser calls
+        return
+    assert clock.levels == pytest.approx(levels) and clock.end_evals == end_evals

@@ -155,7 +155,7 @@ class MonkeyRun:
                 reset_noise=lambda: reset_rng(p),
                 hooks=hooks,
                 cancelled=_cancelled,
-                first_is_final=not _pass_one_skips_hires(p),
+                first_is_final=_pass_one_is_plain(p, self.settings),
             )
         finally:
             self._live = None
@@ -349,9 +349,9 @@ def sampler_clock(sampler: Any, p: Any, kwargs: dict) -> StepClock | None:
     if kwargs.get("sigmas") is not None:  # k-diffusion, Restart: the trailing 0 ends the run
         levels = [float(sigma) for sigma in kwargs["sigmas"].tolist()][:-1]
     elif kwargs.get("timesteps") is not None:  # DDIM, PLMS, UniPC: timesteps, ascending
+        # one step per timestep, as the user counts them; the WebUI's DDIM-style loops never
+        # evaluate the smallest one, so their last step simply never comes
         levels = sorted((float(t) for t in kwargs["timesteps"].tolist()), reverse=True)
-        if name != "UniPC":
-            levels = levels[:-1]  # the DDIM-style loops never evaluate the smallest timestep
     elif kwargs.get("sigma_min") is not None and kwargs.get("sigma_max") is not None:
         # DPM fast / adaptive choose their own sigmas: steps of equal log-sigma length
         count = int(kwargs.get("n") or p.steps)
@@ -393,6 +393,12 @@ def _denoiser_callback(session: MonkeySession) -> CallbackHook:
         lambda: script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="monkey_step"),
         lambda: script_callbacks.remove_callbacks_for_function(on_cfg_denoiser),
     )
+
+
+def _pass_one_is_plain(p: Any, settings: MonkeyArgs) -> bool:
+    """Pass 1, run to its end, is the plain generation: same steps, and hires (if any) kept."""
+    same_steps = pass1_length(p.steps, settings.pass1_steps) == p.steps
+    return same_steps and not _pass_one_skips_hires(p)
 
 
 def _pass_one_skips_hires(p: Any) -> bool:
