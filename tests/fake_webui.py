@@ -475,16 +475,18 @@ class Sampler:
         image_conditioning=None,
         steps=None,
     ):
-        steps = steps or p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        # setup_img2img_steps: steps handed in (the hires pass) run all of them, at the end of a
+        # longer schedule; otherwise the denoising strength's share of p.steps runs
+        if steps is not None:
+            requested, steps = steps, int(steps / min(p.denoising_strength, 0.999))
+            t_enc = requested - 1
+        else:
+            steps = p.steps
+            t_enc = int(min(p.denoising_strength, 0.999) * steps)
         sigma_sched = self.get_sigmas(p, steps)[steps - t_enc - 1 :]
         return self._launch(
             p, x + noise * sigma_sched[0], sigma_sched, conditioning, unconditional_conditioning
         )
-
-
-def create_sampler(name, model):
-    return Sampler(model.p, SAMPLERS[name])
 
 
 # -- the model, processing ------------------------------------------------------------------------
@@ -614,6 +616,7 @@ class StableDiffusionProcessingTxt2Img:
         )
         self.width, self.height, self.cfg_scale = width, height, cfg_scale
         self.sampler_name, self.hr_sampler_name = sampler_name, sampler_name
+        self.hr_second_pass_steps = 0
         self.enable_hr, self.hr_scale, self.denoising_strength = (
             enable_hr,
             hr_scale,
@@ -673,7 +676,14 @@ class StableDiffusionProcessingTxt2Img:
         self.scripts.process_before_every_sampling(
             self, x=upscaled, noise=noise, c=self.hr_c, uc=self.hr_uc
         )
-        samples = self.sampler.sample_img2img(self, upscaled, noise, self.hr_c, self.hr_uc)
+        samples = self.sampler.sample_img2img(
+            self,
+            upscaled,
+            noise,
+            self.hr_c,
+            self.hr_uc,
+            steps=self.hr_second_pass_steps or self.steps,
+        )
         self.is_hr_pass = False
         return samples
 

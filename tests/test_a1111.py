@@ -715,10 +715,15 @@ def test_the_hires_pass_masks_on_its_own_step_clock_and_says_so(webui, monkeypat
     seen = denoiser_steps(monkeypatch)
     p = make_p(webui, ON, enable_hr=True, steps=8, **SIZE)
     processed = generate(webui, p)
-    hires = [step for phase, step, total in seen if phase is Phase.APPLY and total == 5]
-    assert hires == [0, 1, 2, 3, 4]  # denoising strength 0.6 of 8 steps: its own 5 steps
+    pass2 = [(step, total) for phase, step, total in seen if phase is Phase.APPLY]
+    assert pass2 == [(step, 8) for step in range(8)] * 2  # the hires pass: its own 8 steps
     status = processed.infotexts[0].split("MONKEY status: ")[1]
-    assert "masked steps 2-5 of 8, hires pass masked steps 1-3 of 5" in status
+    assert "masked steps 2-5 of 8, hires pass masked steps 2-5 of 8" in status
+    seen.clear()
+    p = make_p(webui, ON, enable_hr=True, steps=8, **SIZE)
+    p.hr_second_pass_steps = 4
+    processed = generate(webui, p)
+    assert "masked steps 2-5 of 8, hires pass masked steps 1, 2 of 4" in processed.infotexts[0]
 
 
 def test_a_token_past_the_adapters_count_fails_the_generation_naming_the_count(webui):

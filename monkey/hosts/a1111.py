@@ -231,10 +231,14 @@ class MonkeyRun:
     def _record(self, p: Any, session: MonkeySession, result, silent: set[str]) -> None:
         n_images = session.layout.n_images
         outcome = BatchOutcome(session.image_offset, n_images, result.masks)
-        if result.masks is None:
-            self.note(
-                p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {result.skipped_reason}"
+        reason = result.skipped_reason
+        if result.masks is None and getattr(p, "sampler_name", None) == "DPM adaptive":
+            reason = (
+                f"{reason}; with DPM adaptive, sd-webui-controlnet switches IP-Adapter off once "
+                "the sampler's adaptive steps pass the nominal step count"
             )
+        if result.masks is None:
+            self.note(p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {reason}")
         elif self.settings.preview_pass1 and result.first is not None:
             outcome.first_images = samples_to_images(p, result.first)
         schedule = _schedule_text(session) if result.masks is not None else ""
@@ -245,8 +249,7 @@ class MonkeyRun:
             )
         for image in range(n_images):
             self.statuses[session.image_offset + image] = (
-                _status(result.masks, image, result.skipped_reason, session.recorder.token_count)
-                + schedule
+                _status(result.masks, image, reason, session.recorder.token_count) + schedule
             )
         self.batches.append(outcome)
 
