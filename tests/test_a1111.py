@@ -40,6 +40,8 @@ def assert_no_hooks(webui, p) -> None:
         for fn in getattr(module, "ipadapter_hacks", []):
             assert fn.__name__ != "monkey_ip_hack", "a MONKEY wrapper is still in ipadapter_hacks"
     assert "sample" not in vars(p) or vars(p)["sample"].__name__ != "monkey_sample"
+    sampler = getattr(p, "sampler", None)  # the schedule reader is gone from the sampler too
+    assert not hasattr(getattr(sampler, "func", None), "__wrapped__")
     assert not a1111.LIVE_HOOKS
 
 
