@@ -11,7 +11,7 @@ from webui_run import UNetCalls, generate, latents, make_p, monkey_values, with_
 
 from monkey import args as A
 from monkey.args import MonkeyArgs, MonkeyArgsError
-from monkey.hosts import a1111, controlnet
+from monkey.hosts import a1111, a1111_schedule, controlnet
 from monkey.maskset import MaskSet
 from monkey.rows import RowLayout
 from monkey.session import MonkeySession, Phase
@@ -751,7 +751,7 @@ def test_the_schedule_is_read_from_what_the_sampler_function_is_handed(
     name, kwargs, levels, end_evals
 ):
     sampler = type("Sampler", (), {"config": type("Config", (), {"name": name})()})()
-    clock = a1111.sampler_clock(sampler, None, kwargs)
+    clock = a1111_schedule.sampler_clock(sampler, None, kwargs)
     if levels is None:
         assert clock is None  # the host then counts denoiser calls
         return

@@ -10,9 +10,7 @@ it, and runs pass 2 with every IP-Adapter output multiplied by its image's mask.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +21,13 @@ import torch
 from .. import layers as layer_tables
 from ..args import STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
 from ..hooks import AttrPatch, CallbackHook, HookSet, TorchHook
-from ..masks import MaskStatus
 from ..maskset import MaskSet
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
-from ..steps import StepClock, StepPlan, pass1_length
+from ..steps import StepPlan, pass1_length
 from ..twopass import run_two_pass
 from ..version import __version__
-from . import controlnet
+from . import a1111_schedule, a1111_status, controlnet
 from .a1111_images import mask_image, samples_to_images
 
 logger = logging.getLogger("monkey")
@@ -178,7 +175,9 @@ class MonkeyRun:
             isinstance(h, AttrPatch) and h.owner is sampler and h.installed for h in hooks.handles
         ):
             return  # img2img keeps one sampler for every pass and batch: already watched
-        patch = AttrPatch(sampler, "func", lambda func: _schedule_reader(func, sampler, p, session))
+        patch = AttrPatch(
+            sampler, "func", lambda func: a1111_schedule.schedule_reader(func, sampler, p, session)
+        )
         hooks.add(patch)
         patch.install()
 
@@ -241,15 +240,13 @@ class MonkeyRun:
             self.note(p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {reason}")
         elif self.settings.preview_pass1 and result.first is not None:
             outcome.first_images = samples_to_images(p, result.first)
-        schedule = _schedule_text(session) if result.masks is not None else ""
-        if silent and result.masks is not None:  # InstantStyle weight types zero these layers
-            schedule += (
-                "; recorded from the unit's own keys where its IP-Adapter weight is 0 "
-                f"({', '.join(sorted(name.removesuffix('.transformer_blocks.0.attn2') for name in silent))})"
-            )
+        schedule = ""
+        if result.masks is not None:
+            schedule = a1111_status.schedule_text(session) + a1111_status.silent_text(silent)
         for image in range(n_images):
             self.statuses[session.image_offset + image] = (
-                _status(result.masks, image, reason, session.recorder.token_count) + schedule
+                a1111_status.status(result.masks, image, reason, session.recorder.token_count)
+                + schedule
             )
         self.batches.append(outcome)
 
@@ -291,44 +288,6 @@ class MonkeyRun:
         processed.infotexts.extend(infotexts)
 
 
-def _status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | None) -> str:
-    if masks is None:
-        return f"not masked: {reason}"
-    status = masks.statuses[image]
-    if status is MaskStatus.NO_SIGNAL:
-        return "no attention signal, kept plain IP-Adapter"
-    if status is MaskStatus.EMPTY:
-        return "empty mask, kept plain IP-Adapter"
-    coverage = float(masks.binary[image].float().mean())
-    threshold = masks.thresholds[image]
-    text = (
-        f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, "
-        f"token {masks.tokens[image]} of {tokens}"
-    )
-    return text if status is MaskStatus.OK else f"{text} (full mask)"
-
-
-def _steps_text(steps: range | tuple[int, ...]) -> str:
-    if not steps:
-        return "none"
-    if isinstance(steps, range) and len(steps) > 2:
-        return f"{steps[0]}-{steps[-1]}"
-    return ", ".join(str(step) for step in steps)
-
-
-def _schedule_text(session: MonkeySession) -> str:
-    """Which steps each sampler run recorded or masked: pass 1, pass 2 and a hires pass, each
-    on its own schedule."""
-    parts = []
-    for phase, plan in session.history:
-        if phase is Phase.RECORD:
-            parts.append(f"recorded steps {_steps_text(plan.record)} of {plan.total}")
-        elif phase is Phase.APPLY:
-            where = "hires pass masked" if parts and parts[-1].startswith("masked") else "masked"
-            parts.append(f"{where} steps {_steps_text(plan.apply)} of {plan.total}")
-    return "; " + ", ".join(parts) if parts else ""
-
-
 # -- host glue ----------------------------------------------------------------------------------
 
 
@@ -338,42 +297,6 @@ def _unet_call(session: MonkeySession) -> Callable:
             session.begin_unet_call(args[0].shape[0], tuple(args[0].shape[-2:]))
 
     return pre_hook
-
-
-STEP_END_EVALS = {"Heun": 1 << 30, "Restart": 1 << 30, "PLMS": 1}
-"""Samplers that evaluate a step again at the next step's noise level, and for how many of their
-leading steps (PLMS only on its first)."""
-
-
-def sampler_clock(sampler: Any, p: Any, kwargs: dict) -> StepClock | None:
-    """The step clock of one sampler run, from the schedule ``sampler.func`` is handed."""
-    name = getattr(getattr(sampler, "config", None), "name", None)
-    end_evals = STEP_END_EVALS.get(name, 0)
-    if kwargs.get("sigmas") is not None:  # k-diffusion, Restart: the trailing 0 ends the run
-        levels = [float(sigma) for sigma in kwargs["sigmas"].tolist()][:-1]
-    elif kwargs.get("timesteps") is not None:  # DDIM, PLMS, UniPC: timesteps, ascending
-        # one step per timestep, as the user counts them; the WebUI's DDIM-style loops never
-        # evaluate the smallest one, so their last step simply never comes
-        levels = sorted((float(t) for t in kwargs["timesteps"].tolist()), reverse=True)
-    elif kwargs.get("sigma_min") is not None and kwargs.get("sigma_max") is not None:
-        # DPM fast / adaptive choose their own sigmas: steps of equal log-sigma length
-        count = int(kwargs.get("n") or p.steps)
-        high, low = math.log(float(kwargs["sigma_max"])), math.log(float(kwargs["sigma_min"]))
-        levels = [math.exp(high + (low - high) * i / count) for i in range(count)]
-    else:
-        return None
-    return StepClock(levels, end_evals) if levels else None
-
-
-def _schedule_reader(func: Callable, sampler: Any, p: Any, session: MonkeySession) -> Callable:
-    # the WebUI picks the keyword arguments it passes from inspect.signature(sampler.func), which
-    # follows __wrapped__: the wrapper must show the sampler function's own signature
-    @functools.wraps(func)
-    def monkey_read_schedule(*args, **kwargs):
-        session.use_schedule(sampler_clock(sampler, p, kwargs))
-        return func(*args, **kwargs)
-
-    return monkey_read_schedule
 
 
 def _denoiser_callback(session: MonkeySession) -> CallbackHook:

@@ -1,0 +1,51 @@
+"""The schedule each WebUI sampler run is handed, read for MONKEY's step clock.
+
+The WebUI builds a sampler's schedule inside ``sampler.sample``/``sample_img2img`` and hands it to
+``sampler.func`` as keyword arguments; wrapping ``func`` for the batch is the one place it can be
+read, whatever the sampler and scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ..session import MonkeySession
+from ..steps import StepClock
+
+STEP_END_EVALS = {"Heun": 1 << 30, "Restart": 1 << 30, "PLMS": 1}
+"""Samplers that evaluate a step again at the next step's noise level, and for how many of their
+leading steps (PLMS only on its first)."""
+
+
+def sampler_clock(sampler: Any, p: Any, kwargs: dict) -> StepClock | None:
+    """The step clock of one sampler run, from the schedule ``sampler.func`` is handed."""
+    name = getattr(getattr(sampler, "config", None), "name", None)
+    end_evals = STEP_END_EVALS.get(name, 0)
+    if kwargs.get("sigmas") is not None:  # k-diffusion, Restart: the trailing 0 ends the run
+        levels = [float(sigma) for sigma in kwargs["sigmas"].tolist()][:-1]
+    elif kwargs.get("timesteps") is not None:  # DDIM, PLMS, UniPC: timesteps, ascending
+        # one step per timestep, as the user counts them; the WebUI's DDIM-style loops never
+        # evaluate the smallest one, so their last step simply never comes
+        levels = sorted((float(t) for t in kwargs["timesteps"].tolist()), reverse=True)
+    elif kwargs.get("sigma_min") is not None and kwargs.get("sigma_max") is not None:
+        # DPM fast / adaptive choose their own sigmas: steps of equal log-sigma length
+        count = int(kwargs.get("n") or p.steps)
+        high, low = math.log(float(kwargs["sigma_max"])), math.log(float(kwargs["sigma_min"]))
+        levels = [math.exp(high + (low - high) * i / count) for i in range(count)]
+    else:
+        return None
+    return StepClock(levels, end_evals) if levels else None
+
+
+def schedule_reader(func: Callable, sampler: Any, p: Any, session: MonkeySession) -> Callable:
+    # the WebUI picks the keyword arguments it passes from inspect.signature(sampler.func), which
+    # follows __wrapped__: the wrapper must show the sampler function's own signature
+    @functools.wraps(func)
+    def monkey_read_schedule(*args, **kwargs):
+        session.use_schedule(sampler_clock(sampler, p, kwargs))
+        return func(*args, **kwargs)
+
+    return monkey_read_schedule

@@ -1,0 +1,56 @@
+"""The per-image ``MONKEY status`` text: what was masked, and on which steps of which run."""
+
+from __future__ import annotations
+
+from ..masks import MaskStatus
+from ..maskset import MaskSet
+from ..session import MonkeySession, Phase
+
+
+def status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | None) -> str:
+    if masks is None:
+        return f"not masked: {reason}"
+    status = masks.statuses[image]
+    if status is MaskStatus.NO_SIGNAL:
+        return "no attention signal, kept plain IP-Adapter"
+    if status is MaskStatus.EMPTY:
+        return "empty mask, kept plain IP-Adapter"
+    coverage = float(masks.binary[image].float().mean())
+    threshold = masks.thresholds[image]
+    text = (
+        f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, "
+        f"token {masks.tokens[image]} of {tokens}"
+    )
+    return text if status is MaskStatus.OK else f"{text} (full mask)"
+
+
+def steps_text(steps: range | tuple[int, ...]) -> str:
+    if not steps:
+        return "none"
+    if isinstance(steps, range) and len(steps) > 2:
+        return f"{steps[0]}-{steps[-1]}"
+    return ", ".join(str(step) for step in steps)
+
+
+def schedule_text(session: MonkeySession) -> str:
+    """Which steps each sampler run recorded or masked: pass 1, pass 2 and a hires pass, each
+    on its own schedule."""
+    parts = []
+    for phase, plan in session.history:
+        if phase is Phase.RECORD:
+            parts.append(f"recorded steps {steps_text(plan.record)} of {plan.total}")
+        elif phase is Phase.APPLY:
+            where = "hires pass masked" if parts and parts[-1].startswith("masked") else "masked"
+            parts.append(f"{where} steps {steps_text(plan.apply)} of {plan.total}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def silent_text(layers: set[str]) -> str:
+    """Source layers whose IP output ControlNet drops (InstantStyle weight types zero them)."""
+    if not layers:
+        return ""
+    blocks = sorted(name.removesuffix(".transformer_blocks.0.attn2") for name in layers)
+    return (
+        "; recorded from the unit's own keys where its IP-Adapter weight is 0 "
+        f"({', '.join(blocks)})"
+    )
