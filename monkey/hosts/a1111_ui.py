@@ -58,6 +58,16 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
     def check(name: str, label: str) -> Any:
         return gr.Checkbox(value=getattr(defaults, name), label=label, elem_id=eid(name))
 
+    def choose(name: str, label: str, choices: list[str]) -> Any:
+        """A dropdown that also takes typed values (any layer path, token or step count)."""
+        return gr.Dropdown(
+            choices,
+            value=ui_value(name, getattr(defaults, name)),
+            label=label,
+            allow_custom_value=True,
+            elem_id=eid(name),
+        )
+
     c: dict[str, Any] = {}
     with InputAccordion(False, label="MONKEY", elem_id=eid("enabled")) as enabled:
         c["enabled"] = enabled
@@ -71,20 +81,8 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
             )
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
             with gr.Row():
-                c["layers"] = gr.Dropdown(
-                    LAYER_CHOICES,
-                    value="default",
-                    label="Mask layer",
-                    allow_custom_value=True,
-                    elem_id=eid("layers"),
-                )
-                c["token"] = gr.Dropdown(
-                    TOKEN_CHOICES,
-                    value=str(defaults.token),
-                    label="IP token",
-                    allow_custom_value=True,
-                    elem_id=eid("token"),
-                )
+                c["layers"] = choose("layers", "Mask layer", LAYER_CHOICES)
+                c["token"] = choose("token", "IP token", TOKEN_CHOICES)
                 c["source_unit"] = gr.Number(
                     value=defaults.source_unit,
                     precision=0,
@@ -97,13 +95,7 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                 c["pass1_steps"] = slider("pass1_steps", "Pass 1 steps (fraction)")
                 c["record_start"] = slider("record_start", "Record from")
                 c["record_end"] = slider("record_end", "Record until")
-                c["record_steps"] = gr.Dropdown(
-                    RECORD_STEPS_CHOICES,
-                    value=str(defaults.record_steps),
-                    label="Recorded steps",
-                    allow_custom_value=True,
-                    elem_id=eid("record_steps"),
-                )
+                c["record_steps"] = choose("record_steps", "Recorded steps", RECORD_STEPS_CHOICES)
             with gr.Row():
                 c["apply_start"] = slider("apply_start", "Mask from")
                 c["apply_end"] = slider("apply_end", "Mask until")
