@@ -224,6 +224,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image px (default by model)")
     parser.add_argument("--pass1-steps", type=float, default=MonkeyArgs.pass1_steps)
     opts = parser.parse_args()
+    # random weights drive some activations subnormal; on a CPU those run many times slower and
+    # would time the numbers, not the hooks
+    torch.set_flush_denormal(True)
     print(
         f"torch {torch.__version__}, {opts.device}"
         + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else "")
