@@ -94,12 +94,7 @@ class MonkeySession:
         """A new denoiser call at sampler step ``step`` of ``total`` (rows are counted from here)."""
         self.step, self.total = step, total
         if self.active and (self.phase not in self.plans or self.plan.total != total):
-            self.plans[self.phase] = StepPlan.of(
-                total,
-                (self.args.record_start, self.args.record_end),
-                self.args.record_steps,
-                (self.args.apply_start, self.args.apply_end),
-            )
+            self.plans[self.phase] = StepPlan.for_settings(total, self.args)
             self.history.append((self.phase, self.plan))
         self._decide()
         self.rows.new_denoiser_call()

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .args import ALL, RecordSteps
+from .args import ALL, MonkeyArgs, RecordSteps
 
 _EPS = 1e-9
 """Fractions times step counts land on integers up to rounding (0.3 · 10 = 3.0000000000000004)."""
@@ -62,6 +62,16 @@ class StepPlan:
             total,
             spread(window(total, *record_window), record_steps),
             window(total, *apply_window),
+        )
+
+    @classmethod
+    def for_settings(cls, total: int, args: MonkeyArgs) -> StepPlan:
+        """The plan of a sampler run of ``total`` steps under the user's settings."""
+        return cls.of(
+            total,
+            (args.record_start, args.record_end),
+            args.record_steps,
+            (args.apply_start, args.apply_end),
         )
 
     @property

@@ -348,12 +348,7 @@ def _extend_progress(p: Any, settings: MonkeyArgs, steps: int) -> None:
         state.job_count += 1
     tqdm = getattr(shared.total_tqdm, "_tqdm", None)
     if tqdm is not None and tqdm.total:
-        plan = StepPlan.of(
-            steps,
-            (settings.record_start, settings.record_end),
-            settings.record_steps,
-            (settings.apply_start, settings.apply_end),
-        )
+        plan = StepPlan.for_settings(steps, settings)
         last = plan.last_record
         shared.total_tqdm.updateTotal(tqdm.total + (steps if last is None else last + 1))
 
