@@ -109,16 +109,15 @@ def write_ip_adapter(unet, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def tiny_pipeline(folder: Path, adapters: int = 1, seed: int = 0) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with ``adapters`` IP-Adapters loaded by ``load_ip_adapter``."""
+def plain_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with an image encoder and no IP-Adapter yet."""
     torch.manual_seed(seed)
-    unet = tiny_unet()
     tok = tokenizer(folder / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=CLIPTextModel(text_config(len(tok))),
         tokenizer=tok,
-        unet=unet,
+        unet=tiny_unet(),
         scheduler=EulerDiscreteScheduler(steps_offset=1),
         safety_checker=None,
         feature_extractor=CLIPImageProcessor(
@@ -128,9 +127,16 @@ def tiny_pipeline(folder: Path, adapters: int = 1, seed: int = 0) -> StableDiffu
         image_encoder=CLIPVisionModelWithProjection(vision_config()).eval(),
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pipeline(folder: Path, adapters: int = 1, seed: int = 0) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with ``adapters`` IP-Adapters loaded by ``load_ip_adapter``."""
+    pipe = plain_pipeline(folder, seed)
     names = [f"ip-{index}.safetensors" for index in range(adapters)]
     for index, name in enumerate(names):
-        write_ip_adapter(unet, folder / name, seed=seed + index)
+        write_ip_adapter(pipe.unet, folder / name, seed=seed + index)
     pipe.load_ip_adapter(
         str(folder),
         subfolder="",
@@ -138,5 +144,17 @@ def tiny_pipeline(folder: Path, adapters: int = 1, seed: int = 0) -> StableDiffu
         image_encoder_folder=None,
         low_cpu_mem_usage=False,
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_model_files(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """On disk as a user has them: a diffusers model folder, an image-encoder folder and an
+    IP-Adapter file (each loaded by the code under test, never by this module)."""
+    pipe = plain_pipeline(folder / "build", seed)
+    paths = {"model": folder / "model", "encoder": folder / "image_encoder"}
+    pipe.image_encoder.save_pretrained(paths["encoder"])
+    pipe.image_encoder = None
+    pipe.register_modules(image_encoder=None, feature_extractor=None)
+    pipe.save_pretrained(paths["model"])
+    paths["ip_adapter"] = write_ip_adapter(pipe.unet, folder / "adapters" / "ip-tiny.safetensors")
+    return paths
