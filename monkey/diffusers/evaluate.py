@@ -164,10 +164,16 @@ def _check_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_scores(path: Path) -> list[dict[str, str]]:
+    """The scored rows, the latest per (subject, image, prompt, method): an image generated again
+    after its file was lost replaces its old row."""
     if not path.exists():
         return []
     with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        latest = {
+            _key(r["subject"], r["image"], r["prompt_index"], r["method"]): r
+            for r in csv.DictReader(handle)
+        }
+    return list(latest.values())
 
 
 def _key(subject: str, image: str, prompt_index: int | str, method: str) -> tuple:
