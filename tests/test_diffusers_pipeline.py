@@ -364,3 +364,21 @@ def test_mask_images_follow_the_mask_set():
     (image,) = mask_images(masks, (8, 8), (64, 64))
     pixels = np.array(image)
     assert pixels[:32, :32].min() == 255 and pixels[32:].max() == 0 and pixels[:, 32:].max() == 0
+
+
+def test_sdxl_pipeline_and_its_img2img(tmp_path, forced_mask):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from tiny_pipeline import tiny_xl_pipeline
+
+    xl = tiny_xl_pipeline(tmp_path)
+    out = monkey_generate(xl, ON, **call())
+    assert out.statuses[0].startswith("masked")
+    assert "recorded steps 1, 2 of 4, masked steps 2-5 of 8" in out.statuses[0]
+    forced_mask(True)
+    ones = monkey_generate(xl, EVERY_STEP, **call())
+    assert torch.equal(ones.images, xl(**call()).images)
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(xl)
+    extra = {"image": reference(3).resize((SIZE, SIZE)), "strength": 0.5}
+    ones = monkey_generate(img2img, EVERY_STEP, **call(**extra))
+    assert torch.equal(ones.images, img2img(**call(**extra)).images)
+    assert_unhooked(img2img)

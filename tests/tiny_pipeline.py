@@ -158,3 +158,52 @@ def write_model_files(folder: Path, seed: int = 0) -> dict[str, Path]:
     pipe.save_pretrained(paths["model"])
     paths["ip_adapter"] = write_ip_adapter(pipe.unet, folder / "adapters" / "ip-tiny.safetensors")
     return paths
+
+
+def tiny_xl_pipeline(folder: Path, seed: int = 0):
+    """A StableDiffusionXLPipeline (two text encoders, ``text_time`` conditioning) with one
+    IP-Adapter loaded by ``load_ip_adapter``."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = tokenizer(folder / "tokenizer")
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(text_config(len(tok))),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(len(tok))),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1),
+        feature_extractor=CLIPImageProcessor(
+            size={"shortest_edge": VISION_SIZE},
+            crop_size={"height": VISION_SIZE, "width": VISION_SIZE},
+        ),
+        image_encoder=CLIPVisionModelWithProjection(vision_config()).eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    write_ip_adapter(unet, folder / "ip-xl.safetensors", seed=seed)
+    pipe.load_ip_adapter(
+        str(folder),
+        subfolder="",
+        weight_name="ip-xl.safetensors",
+        image_encoder_folder=None,
+        low_cpu_mem_usage=False,
+    )
+    return pipe
