@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,8 @@ def load_pipeline(
         weight_name=[path.name for path in adapter_paths],
         image_encoder_folder=None,
         local_files_only=True,
+        # diffusers warns at length when it cannot have its low-memory loading without accelerate
+        low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
     )
     if img2img:
         pipe = (

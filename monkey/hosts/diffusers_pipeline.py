@@ -30,7 +30,7 @@ from ..rows import RowLayout
 from ..session import MonkeySession, Phase
 from ..steps import pass1_length
 from ..twopass import run_two_pass
-from .a1111_status import schedule_text, status
+from .a1111_status import schedule_text, status  # host-free: the WebUI's status text, reused
 from .diffusers import DiffusersMonkey, ip_attention_modules
 
 logger = logging.getLogger("monkey")
