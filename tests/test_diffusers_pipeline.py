@@ -310,13 +310,14 @@ def test_interrupt_in_pass_2_ends_pass_2(pipe):
 
     def stop(pipe_, index, _t, _tensors):
         if index == 0:
-            runs.append(index)
+            runs.append([])
+        runs[-1].append(index)
         if len(runs) == 2 and index == 3:
             pipe_._interrupt = True
         return {}
 
     out = monkey_generate(pipe, ON, **call(callback_on_step_end=stop))
-    assert len(runs) == 2 and out.mask_set is not None
+    assert runs == [[0, 1, 2], [0, 1, 2, 3]] and out.mask_set is not None
     assert_unhooked(pipe, interrupted=True)
 
 
