@@ -1,0 +1,389 @@
+"""MONKEY's two passes on a diffusers Stable Diffusion (XL) pipeline, txt2img or img2img.
+
+The pipeline is called twice exactly as the user would call it, with the UNet host
+(``hosts/diffusers.py``) hooked for the call: pass 1 on its own shorter schedule, stopped
+through the pipeline's own ``interrupt`` right after its last recorded step; pass 2 from the same
+noise (every generator is put back to the state it had before pass 1). Steps are the pipeline's
+sampler steps, read off the scheduler's timesteps, so second-order schedulers (Heun, DPM2,
+DPM-SDE) and PLMS place each UNet evaluation in its step. The user's ``callback_on_step_end``
+runs in both passes and its ``pipe._interrupt`` is honoured; every hook is gone, and the
+pipeline's interrupt flag as MONKEY found it, however the call ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .. import masks as M
+from ..args import MonkeyArgs
+from ..hooks import HookSet, TorchHook
+from ..layers import source_layers
+from ..maskset import MaskSet
+from ..rows import RowLayout
+from ..session import MonkeySession, Phase
+from ..steps import pass1_length
+from ..twopass import run_two_pass
+from .a1111_status import schedule_text, status  # host-free: the WebUI's status text, reused
+from .diffusers import DiffusersMonkey, ip_attention_modules
+
+logger = logging.getLogger("monkey")
+
+Progress = Callable[[str, int, int], None]
+"""``progress(pass_name, iterations_done, iterations_in_this_run)`` after every loop iteration."""
+
+
+@dataclass
+class MonkeyPipelineOutput:
+    images: Any
+    """Pass 2's images (the plain pipeline's when MONKEY is off or could not mask), in the
+    call's ``output_type``."""
+    masks: list[Image.Image] | None
+    """Per image, the mask pass 2 applied at the image size (white: subject, where IP-Adapter
+    acts); None when MONKEY is off."""
+    first_images: Any
+    """Pass 1's images (its state where it stopped, right after its last recorded step)."""
+    statuses: list[str] = field(default_factory=list)
+    """Per image, what MONKEY did (the WebUI's ``MONKEY status`` text)."""
+    mask_set: MaskSet | None = None
+    skipped_reason: str | None = None
+    """Why pass 2 did not run or did not mask, if so."""
+    output: Any = None
+    """The pipeline's own output object of the final run (``nsfw_content_detected`` ...)."""
+    settings: MonkeyArgs | None = None
+
+
+def resolve_settings(settings: MonkeyArgs | Mapping[str, Any] | None) -> MonkeyArgs:
+    """None: MONKEY on at the defaults; a dict of named settings over those; or MonkeyArgs as is
+    (its ``enabled`` is honoured: off runs the plain pipeline)."""
+    if isinstance(settings, MonkeyArgs):
+        return settings
+    return MonkeyArgs.from_dict(dict(settings or {}), MonkeyArgs(enabled=True))
+
+
+def loop_steps(timesteps: Sequence[float], order: int, runge_kutta: int = 0) -> list[int]:
+    """The sampler step of each iteration of a pipeline's denoising loop over ``timesteps``.
+
+    Second-order schedulers (``order == 2``: Heun, DPM2, DPM2 a, DPM-SDE) take two iterations a
+    step, their last step excepted: ``2n - 1`` timesteps for ``n`` steps. PNDM without
+    ``skip_prk_steps`` starts with ``runge_kutta`` iterations of four evaluations a step. Elsewhere
+    a timestep repeated at once is a step evaluated a second time at the next step's timestep
+    (PLMS's first step): the first of the two still belongs to the step before.
+    """
+    levels = [float(t) for t in timesteps]
+    if order == 2:
+        return [index // 2 for index in range(len(levels))]
+    warmup = min(runge_kutta, len(levels))
+    steps = [index // 4 for index in range(warmup)]
+    step = steps[-1] if steps else -1
+    for index in range(warmup, len(levels)):
+        level = levels[index]
+        repeated = index > warmup and level == levels[index - 1]
+        again = index + 1 < len(levels) and levels[index + 1] == level
+        if repeated or not (again and index > warmup):
+            step += 1
+        steps.append(step)
+    return steps
+
+
+def runge_kutta_iterations(scheduler: Any, begin: int) -> int:
+    """PNDM's Runge-Kutta warm-up iterations left in a loop that starts at ``begin``."""
+    prk = getattr(scheduler, "prk_timesteps", None)
+    if prk is None or getattr(scheduler.config, "skip_prk_steps", True):
+        return 0
+    return max(0, len(prk) - begin)
+
+
+class LoopClock:
+    """Places each UNet call of one pipeline run on its sampler step: the call's timestep is
+    matched to the next iteration of the loop that carries it (so calls skipped by an interrupt
+    and repeated timesteps are both placed right)."""
+
+    def __init__(self, timesteps: Sequence[float], order: int, runge_kutta: int = 0):
+        self.levels = [float(t) for t in timesteps]
+        if not self.levels:
+            raise ValueError("the pipeline's denoising loop has no timesteps")
+        self.steps = loop_steps(self.levels, order, runge_kutta)
+        self.total = self.steps[-1] + 1
+        self.next = 0
+
+    def step_at(self, level: float) -> int:
+        index = next(
+            (i for i in range(self.next, len(self.levels)) if _near(self.levels[i], level)),
+            min(self.next, len(self.levels) - 1),  # an unknown timestep: count the call
+        )
+        self.next = index + 1
+        return self.steps[index]
+
+    def peek(self) -> int | None:
+        """The step of the next iteration, None after the last."""
+        return self.steps[self.next] if self.next < len(self.levels) else None
+
+
+def _near(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-8)
+
+
+def loop_clock(pipe: Any) -> LoopClock:
+    """The clock of the loop the pipeline runs now: the scheduler's timesteps from the begin
+    index img2img sets, cut to the count the pipeline records (SDXL's ``denoising_end``)."""
+    scheduler = pipe.scheduler
+    begin = getattr(scheduler, "begin_index", None) or 0
+    timesteps = [float(t) for t in scheduler.timesteps[begin:]]
+    count = getattr(pipe, "_num_timesteps", None)
+    if isinstance(count, int) and count > 0:
+        timesteps = timesteps[:count]
+    return LoopClock(timesteps, scheduler.order, runge_kutta_iterations(scheduler, begin))
+
+
+def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return fallback
+    return parameter.default
+
+
+def images_in_call(pipe: Any, kwargs: Mapping[str, Any]) -> int:
+    """How many images one call makes: prompts (or prompt embeddings) × images per prompt."""
+    prompt = kwargs.get("prompt")
+    if isinstance(prompt, str):
+        batch = 1
+    elif isinstance(prompt, (list, tuple)):
+        batch = len(prompt)
+    elif kwargs.get("prompt_embeds") is not None:
+        batch = kwargs["prompt_embeds"].shape[0]
+    else:
+        raise ValueError("MONKEY needs `prompt` or `prompt_embeds` to count the images")
+    per_prompt = kwargs.get("num_images_per_prompt") or _call_default(
+        pipe, "num_images_per_prompt", 1
+    )
+    return batch * int(per_prompt)
+
+
+def uses_cfg(pipe: Any, kwargs: Mapping[str, Any]) -> bool:
+    """The SD/SDXL pipelines' own rule: guidance above 1 and no guidance-embedding UNet."""
+    scale = kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale", 7.5))
+    return scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
+def _generators(generator: Any) -> list[torch.Generator]:
+    if generator is None:
+        return []
+    return list(generator) if isinstance(generator, (list, tuple)) else [generator]
+
+
+def mask_images(masks: MaskSet, latent_hw: tuple[int, int], size: tuple[int, int]) -> list:
+    """Each image's mask as applied (dilated, feathered) at ``size`` (width, height), greyscale."""
+    width, height = size
+    full = M.resize(masks.latent_masks(latent_hw), (height, width)).clamp(0, 1)
+    pixels = (full * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(mask) for mask in pixels]
+
+
+def _image_size(images: Any) -> tuple[int, int]:
+    """(width, height) of a pipeline's images: PIL, numpy ``[B, H, W, C]`` or torch ``[B, C, H, W]``."""
+    first = images[0]
+    if isinstance(first, Image.Image):
+        return first.size
+    if isinstance(images, torch.Tensor):
+        return int(images.shape[-1]), int(images.shape[-2])
+    return int(first.shape[1]), int(first.shape[0])
+
+
+class PipelineRun:
+    """One ``monkey_generate`` call: the session, its hooks and the state of each pipeline run."""
+
+    def __init__(
+        self, pipe: Any, args: MonkeyArgs, kwargs: dict[str, Any], progress: Progress | None
+    ):
+        self.pipe, self.args, self.progress = pipe, args, progress
+        modules = ip_attention_modules(pipe.unet)
+        if not modules:
+            raise ValueError(
+                "MONKEY needs an IP-Adapter: load one with pipe.load_ip_adapter(...) first"
+            )
+        if kwargs.get("ip_adapter_image") is None and kwargs.get("ip_adapter_image_embeds") is None:
+            raise ValueError("MONKEY needs `ip_adapter_image` or `ip_adapter_image_embeds`")
+        adapters = len(next(iter(modules.values())).processor.scale)
+        self.source = args.source_unit if args.source_unit < adapters else 0
+        self.notes: list[str] = []
+        if self.source != args.source_unit:
+            self.notes.append(
+                f"mask from IP-Adapter 0: source unit {args.source_unit} is not loaded "
+                f"({adapters} loaded)"
+            )
+        try:
+            layers = source_layers(args.layers, list(modules))
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        self.n_images = images_in_call(pipe, kwargs)
+        self.cfg = uses_cfg(pipe, kwargs)
+        self.session = MonkeySession(args, layers, RowLayout.diffusers(self.n_images, self.cfg))
+        self.steps = int(
+            kwargs.get("num_inference_steps") or _call_default(pipe, "num_inference_steps", 50)
+        )
+        custom = kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None
+        # a schedule given as timesteps/sigmas cannot be shortened: pass 1 runs it whole
+        self.first_steps = self.steps if custom else pass1_length(self.steps, args.pass1_steps)
+        self.kwargs = dict(kwargs)
+        self.kwargs.pop("return_dict", None)
+        if not _generators(self.kwargs.get("generator")):
+            # both passes must draw the same noise: an unseeded call gets a generator seeded
+            # from torch's global RNG (so torch.manual_seed still makes it reproducible)
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            self.kwargs["generator"] = torch.Generator().manual_seed(seed)
+        self.generators = _generators(self.kwargs["generator"])
+        self.states = [gen.get_state() for gen in self.generators]
+        self.user_callback = self.kwargs.pop("callback_on_step_end", None)
+        tensor_inputs = getattr(self.user_callback, "tensor_inputs", None)
+        if tensor_inputs is not None:  # diffusers' PipelineCallback objects name their inputs
+            self.kwargs["callback_on_step_end_tensor_inputs"] = list(tensor_inputs)
+        self.monkey = DiffusersMonkey(pipe.unet, self.session, self.source)
+        # the clock's pre-hook runs before the UNet host's, so each call's step is set first
+        self.hooks = HookSet(
+            [
+                TorchHook(
+                    lambda: pipe.unet.register_forward_pre_hook(
+                        self._on_unet_call, with_kwargs=True
+                    )
+                ),
+                self.monkey.hooks,
+            ]
+        )
+        self.clock: LoopClock | None = None
+        self.phase = Phase.IDLE
+        self.stopped = False
+        self.interrupted = False
+
+    # -- the hooks ------------------------------------------------------------------------------
+
+    def _on_unet_call(self, _module, args, kwargs) -> None:
+        if not self.session.active:
+            return
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        if self.clock is None:
+            rows = (2 if self.cfg else 1) * self.n_images
+            if sample.shape[0] != rows:
+                raise RuntimeError(
+                    f"MONKEY expected {rows} UNet rows ({self.n_images} images"
+                    f"{', with classifier-free guidance' if self.cfg else ''}), got "
+                    f"{sample.shape[0]}"
+                )
+            self.clock = loop_clock(self.pipe)
+        level = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
+        self.session.begin_step(self.clock.step_at(float(level)), self.clock.total)
+
+    def _on_step_end(self, pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        out = {}
+        if self.user_callback is not None:
+            out = self.user_callback(pipe, index, timestep, tensors) or {}
+        if getattr(pipe, "_interrupt", False) and not self.stopped:
+            self.interrupted = True
+        if self.progress is not None:
+            self.progress(self.phase.value, index + 1, len(self.clock.levels) if self.clock else 0)
+        session = self.session
+        upcoming = self.clock.peek() if self.clock is not None else None
+        last = session.plan.last_record
+        if (
+            self.phase is Phase.RECORD
+            and session.recorder.has_data
+            and last is not None
+            and upcoming is not None
+            and upcoming > last
+        ):
+            pipe._interrupt = True  # pass 1 has what the mask needs: the loop skips the rest
+            self.stopped = True
+        return out
+
+    # -- the runs -------------------------------------------------------------------------------
+
+    def reset_noise(self) -> None:
+        for gen, state in zip(self.generators, self.states):
+            gen.set_state(state)
+
+    def sample(self, phase: Phase) -> Any:
+        self.phase, self.clock, self.stopped = phase, None, False
+        self.reset_noise()
+        kwargs = dict(self.kwargs, callback_on_step_end=self._on_step_end, return_dict=True)
+        if phase is Phase.RECORD:
+            kwargs["num_inference_steps"] = self.first_steps
+        if isinstance(kwargs.get("latents"), torch.Tensor):
+            kwargs["latents"] = kwargs["latents"].clone()
+        try:
+            return self.pipe(**kwargs)
+        finally:
+            if self.stopped:
+                self.pipe._interrupt = False
+
+    def run(self) -> MonkeyPipelineOutput:
+        result = run_two_pass(
+            self.session,
+            self.sample,
+            reset_noise=self.reset_noise,
+            hooks=self.hooks,
+            cancelled=lambda: self.interrupted,
+            first_is_final=self.first_steps == self.steps,
+        )
+        final, first = result.samples, result.first
+        size = _image_size(final.images)
+        masks = result.masks
+        reason = result.skipped_reason
+        if masks is None:
+            masks = MaskSet.full(self.n_images)
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        latent_hw = masks.latent_hw or (size[1] // scale, size[0] // scale)
+        tokens = self.session.recorder.token_count if self.session.recorder.has_data else None
+        schedule = schedule_text(self.session)
+        notes = "".join(f"; {note}" for note in self.notes)
+        statuses = [
+            status(result.masks, image, reason, tokens) + schedule + notes
+            for image in range(self.n_images)
+        ]
+        return MonkeyPipelineOutput(
+            images=final.images,
+            masks=mask_images(masks, latent_hw, size),
+            first_images=first.images if first is not None else None,
+            statuses=statuses,
+            mask_set=result.masks,
+            skipped_reason=reason,
+            output=final,
+            settings=self.args,
+        )
+
+
+def monkey_generate(
+    pipe: Any,
+    settings: MonkeyArgs | Mapping[str, Any] | None = None,
+    *,
+    progress: Progress | None = None,
+    **kwargs: Any,
+) -> MonkeyPipelineOutput:
+    """Run MONKEY on ``pipe`` (a Stable Diffusion or SDXL pipeline, txt2img or img2img, with an
+    IP-Adapter loaded by ``pipe.load_ip_adapter``); ``kwargs`` are the pipeline call's own
+    arguments (``prompt``, ``ip_adapter_image``, ``generator``, ``num_inference_steps`` ...).
+
+    ``settings``: MONKEY's settings (``monkey.args.MonkeyArgs`` or a dict of its named fields);
+    None is MONKEY on at the WebUI's defaults. Pass a seeded ``generator`` for reproducible
+    images: both passes start from its state at the call.
+    """
+    args = resolve_settings(settings)
+    if not args.enabled:
+        kwargs.pop("return_dict", None)
+        out = pipe(**kwargs, return_dict=True)
+        return MonkeyPipelineOutput(
+            images=out.images,
+            masks=None,
+            first_images=None,
+            statuses=[],
+            skipped_reason="MONKEY is off",
+            output=out,
+            settings=args,
+        )
+    return PipelineRun(pipe, args, kwargs, progress).run()
