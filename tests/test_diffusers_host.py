@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TOKENS, Inputs, set_ip_scale, tiny_unet, with_ip_adapter
+from tiny import CLIP_DIM, TOKENS, Inputs, set_ip_scale, tiny_unet, with_ip_adapter
 
 from monkey.args import MonkeyArgs
+from monkey.hosts import diffusers as diffusers_host
 from monkey.hosts.diffusers import DiffusersMonkey, MonkeyIPAdapterProcessor, ip_attention_modules
 from monkey.masks import MaskStatus
 from monkey.maskset import MaskSet
@@ -139,13 +140,41 @@ def without_ip(unet, inputs: Inputs) -> torch.Tensor:
 def test_all_ones_mask_equals_plain_ip_adapter(unet, inputs):
     plain = inputs(unet)
     out = applied(unet, inputs, masks_of(torch.ones(2, 8, 8)))
-    assert (out - plain).abs().max() <= 1e-6
+    assert torch.equal(out, plain)
+
+
+def test_all_ones_mask_equals_plain_with_several_reference_images(unet):
+    # diffusers' own mask path attends each reference image separately; MONKEY's keeps the
+    # unmasked attention over all of the adapter's image tokens
+    several = Inputs(unet, images=2)
+    gen = torch.Generator().manual_seed(5)
+    several.image_embeds = [torch.randn(4, 3, CLIP_DIM, generator=gen)]
+    assert torch.equal(applied(unet, several, masks_of(torch.ones(2, 8, 8))), several(unet))
+
+
+def test_masked_steps_never_resample_a_mask(unet, inputs, monkeypatch):
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("mask resampled on a masked step")
+
+    monkeypatch.setattr(IPAdapterMaskProcessor, "downsample", staticmethod(refuse))
+    binary = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5
+    assert not torch.equal(applied(unet, inputs, masks_of(binary)), inputs(unet))
+
+
+def test_masked_arithmetic_equals_the_processors_own_mask_path(unet, inputs, monkeypatch):
+    binary = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.5
+    fast = applied(unet, inputs, masks_of(binary))
+    monkeypatch.setattr(diffusers_host, "EXACT_PROCESSOR", None)  # take diffusers' mask path
+    slow = applied(unet, inputs, masks_of(binary))
+    assert (fast - slow).abs().max() <= 1e-6
 
 
 def test_all_zeros_mask_equals_ip_scale_zero(unet, inputs):
     no_ip = without_ip(unet, inputs)
     out = applied(unet, inputs, masks_of(torch.zeros(2, 8, 8)))
-    assert (out - no_ip).abs().max() <= 1e-6
+    assert torch.equal(out, no_ip)  # out_txt + 0 is out_txt exactly
     assert not torch.equal(out, inputs(unet))
 
 

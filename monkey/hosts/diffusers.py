@@ -2,9 +2,10 @@
 
 Every IP-Adapter attention processor is wrapped; diffusers' own processor still computes the
 attention. Recording reads the query and the IP keys the processor itself produced (forward
-hooks on ``attn.to_q`` and ``to_k_ip``); masking goes through the processor's own
-``ip_adapter_masks`` path with a mask already at the layer's grid, so its resampling is the
-identity and per-row masks reach the right rows.
+hooks on ``attn.to_q`` and ``to_k_ip``). Masking computes ``IPAdapterAttnProcessor2_0``'s own
+arithmetic with the image attention times the layer's cached weights (``diffusers_masked``);
+other IP-Adapter processors go through their ``ip_adapter_masks`` path with a mask already at
+the layer's grid, so its resampling is the identity and per-row masks reach the right rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..attention import split_heads
 from ..hooks import AttrPatch, HookSet, TorchHook
 from ..masks import layer_size
 from ..session import IPAction, MonkeySession
+from . import diffusers_masked
 
 try:  # the processor classes are only needed to recognise IP-Adapter layers
     from diffusers.models.attention_processor import (
@@ -25,8 +27,10 @@ try:  # the processor classes are only needed to recognise IP-Adapter layers
     )
 
     IP_PROCESSORS: tuple[type, ...] = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+    EXACT_PROCESSOR: type | None = IPAdapterAttnProcessor2_0
 except ImportError:  # pragma: no cover - diffusers is optional for the WebUI extension
     IP_PROCESSORS = ()
+    EXACT_PROCESSOR = None
 
 
 def ip_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -55,6 +59,11 @@ def diffusers_mask_grid(n_tokens: int, hw: tuple[int, int]) -> tuple[int, int]:
             return h, w
         h, w = mh, mw
     raise ValueError(f"no stable diffusers mask grid for {n_tokens} positions")
+
+
+def _positions(hidden_states: torch.Tensor) -> int:
+    """Spatial positions of an attention input, ``[R, N, C]`` or ``[R, C, H, W]``."""
+    return hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
 
 
 class MonkeyIPAdapterProcessor(torch.nn.Module):
@@ -93,6 +102,19 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         session = self.session
         action = session.ip_action() if session.active else IPAction.PLAIN
         masked = action is IPAction.MASKED and ip_adapter_masks is None
+        if masked and diffusers_masked.supports(self.inner, EXACT_PROCESSOR, encoder_hidden_states):
+            weights = session.weights(
+                _positions(hidden_states), hidden_states.device, hidden_states.dtype
+            )
+            return diffusers_masked.masked_ip_attention(
+                self.inner,
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                temb,
+                weights,
+            )
         if masked and isinstance(encoder_hidden_states, tuple):
             ip_adapter_masks = self._masks(hidden_states, encoder_hidden_states[1])
         self.armed = session.active and session.wants_record(self.name)
@@ -138,11 +160,7 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
             len(ip_states),
         )
         if key not in self._mask_lists:
-            n_tokens = (
-                hidden_states.shape[1]
-                if hidden_states.ndim == 3
-                else math.prod(hidden_states.shape[2:])
-            )
+            n_tokens = _positions(hidden_states)
             weights = session.weights(n_tokens, hidden_states.device, hidden_states.dtype)
             hw = layer_size(n_tokens, rows.latent_hw)
             grid = weights.reshape(weights.shape[0], 1, *diffusers_mask_grid(n_tokens, hw))
