@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..masks import MaskStatus
-from ..maskset import MaskSet
+from ..maskset import MaskSet, UnitMasks
 from ..session import MonkeySession, Phase
 
 
@@ -21,7 +21,17 @@ def status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | 
         f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, "
         f"token {masks.tokens[image]} of {tokens}"
     )
+    if status is MaskStatus.OVERLAP:
+        return f"{text} (overlapping other units: they attend to all of it more)"
     return text if status is MaskStatus.OK else f"{text} (full mask)"
+
+
+def unit_status(masks: UnitMasks, image: int) -> str:
+    """Mask mode ``per_unit``: each unit's status, ``unit 0: masked 31% ...; unit 1: ...``."""
+    return "; ".join(
+        f"unit {unit}: {status(unit_masks, image, None, masks.token_counts[unit])}"
+        for unit, unit_masks in enumerate(masks.units)
+    )
 
 
 def steps_text(steps: range | tuple[int, ...]) -> str:
