@@ -16,11 +16,12 @@ def status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | 
     if status is MaskStatus.EMPTY:
         return "empty mask, kept plain IP-Adapter"
     coverage = float(masks.binary[image].float().mean())
-    threshold = masks.thresholds[image]
-    text = (
-        f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, "
-        f"token {masks.tokens[image]} of {tokens}"
-    )
+    threshold, token = masks.thresholds[image], masks.tokens[image]
+    text = f"masked {coverage:.0%} of the image"
+    if threshold is not None:  # None: a mask given whole, not thresholded from a map
+        text += f" at threshold {threshold:.2f}"
+    if token is not None:
+        text += f", token {token} of {tokens}"
     if status is MaskStatus.OVERLAP:
         return f"{text} (overlapping other units: they attend to all of it more)"
     return text if status is MaskStatus.OK else f"{text} (full mask)"
