@@ -144,3 +144,16 @@ def test_one_unit_per_unit_equals_shared_bit_for_bit(webui):
     per_unit, per_unit_out = run(webui, PER_UNIT, units=UNITS[:1], batch_size=2)
     assert torch.equal(latents(per_unit), latents(shared))
     assert statuses(per_unit_out, 2) == [f'"unit 0: {text[1:]}' for text in statuses(shared_out, 2)]
+
+
+def test_units_whose_weight_is_zero_at_the_layer_record_from_their_own_projected_keys(webui):
+    from fake_controlnet import style_transfer_sd1
+
+    units = [{**unit, "weight": style_transfer_sd1()} for unit in UNITS]
+    p, processed = run(webui, PER_UNIT, units=units)
+    ((a, b),) = per_unit_masks(processed, 1)
+    assert a.any() and b.any() and not (a & b).any()
+    (text,) = statuses(processed, 1)
+    assert "unit 0: masked" in text and "unit 1: masked" in text
+    assert "where its IP-Adapter weight is 0 (output_blocks.4.1)" in text
+    assert_clean(webui, p)
