@@ -28,7 +28,7 @@ from ..steps import StepPlan, pass1_length
 from ..twopass import run_two_pass
 from ..version import __version__
 from . import a1111_schedule, a1111_status, controlnet
-from .a1111_images import mask_image, samples_to_images, unit_mask_images, unit_overlay
+from .a1111_images import previews_of, samples_to_images
 
 logger = logging.getLogger("monkey")
 
@@ -268,20 +268,9 @@ class MonkeyRun:
                 if batch.masks is None or position >= len(processed.images):
                     continue
                 info = processed.infotexts[position] if position < len(processed.infotexts) else ""
-                generated = processed.images[position]
-                if isinstance(batch.masks, UnitMasks):  # one colour per unit, then (API) each mask
-                    shown = [unit_overlay(generated, batch.masks, image)]
-                    if getattr(p, "is_api", False):
-                        shown += unit_mask_images(batch.masks, image, generated.size)
-                    saved = {
-                        f"-monkey-mask-unit{unit}": mask
-                        for unit, mask in enumerate(
-                            unit_mask_images(batch.masks, image, generated.size)
-                        )
-                    }
-                else:
-                    shown = [mask_image(batch.masks, image, generated.size)]
-                    saved = {"-monkey-mask": shown[0]}
+                shown, saved = previews_of(
+                    batch.masks, image, processed.images[position], getattr(p, "is_api", False)
+                )
                 if self.settings.preview:
                     previews.extend(shown)
                     infotexts.extend([info] * len(shown))

@@ -75,3 +75,16 @@ def samples_to_images(p: Any, samples: torch.Tensor) -> list[Image.Image]:
         array = torch.clamp((sample.float() + 1.0) / 2.0, 0.0, 1.0).numpy()
         out.append(Image.fromarray((255.0 * np.moveaxis(array, 0, 2)).astype(np.uint8)))
     return out
+
+
+def previews_of(
+    masks: MaskSet | UnitMasks, image: int, generated: Image.Image, api: bool
+) -> tuple[list[Image.Image], dict[str, Image.Image]]:
+    """What follows generated image ``image``: the previews to show (the mask; per unit, the
+    colour preview, then for the API each unit's plain mask) and the masks to save, by suffix."""
+    if isinstance(masks, MaskSet):
+        mask = mask_image(masks, image, generated.size)
+        return [mask], {"-monkey-mask": mask}
+    plain = unit_mask_images(masks, image, generated.size)
+    shown = [unit_overlay(generated, masks, image), *(plain if api else [])]
+    return shown, {f"-monkey-mask-unit{unit}": mask for unit, mask in enumerate(plain)}
