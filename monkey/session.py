@@ -18,7 +18,7 @@ from enum import Enum
 import torch
 
 from . import maskset
-from .args import PER_UNIT, MonkeyArgs
+from .args import PER_UNIT, MonkeyArgs, UnitThreshold
 from .masks import row_weights
 from .maskset import MaskSet, UnitMasks
 from .recorder import MapRecorder
@@ -75,6 +75,17 @@ class MonkeySession:
         """How many IP-Adapter units the host has (grows with the unit indices it passes)."""
         self.source_unit, note = resolve_source_unit(args, self.units)
         self.notes: list[str] = [note] if note else []
+        """What the host should tell the user (a missing source unit, unused unit thresholds)."""
+        unused = [
+            str(entry)
+            for entry in args.thresholds
+            if isinstance(entry, UnitThreshold) and entry.unit >= self.units
+        ]
+        if unused:
+            self.notes.append(
+                f"per-image thresholds {', '.join(unused)} name no unit ({self.units} IP-Adapter "
+                "unit(s), counted from 0); unused"
+            )
         self.recorders: dict[int, MapRecorder] = {}
         """Each recording unit's maps (``shared``: the source unit's only)."""
         self.masks: MaskSet | UnitMasks | None = None

@@ -163,3 +163,12 @@ def test_shared_mode_records_only_the_source_unit():
         dataclasses.replace(SHARED, source_unit=5), (LAYER,), RowLayout.webui([1]), units=2
     )
     assert missing.source_unit == 0 and "source unit 5 does not exist" in missing.notes[0]
+
+
+def test_unit_thresholds_naming_no_unit_are_reported():
+    args = dataclasses.replace(PER_UNIT, thresholds=("unit1=0.4", "unit2=auto", 0.6))
+    session = MonkeySession(args, (LAYER,), RowLayout.webui([1]), units=2)
+    assert session.notes == [
+        "per-image thresholds unit2=auto name no unit (2 IP-Adapter unit(s), counted from 0); unused"
+    ]
+    assert not MonkeySession(args, (LAYER,), RowLayout.webui([1]), units=3).notes
