@@ -120,9 +120,9 @@ def monkey(sampler: Sampler, model: Model, steps: int, settings: MonkeyArgs, dev
         hacks = controlnet.find_ip_hacks(unet)
         layers = source_layers((), sorted({hack.layer for hack in hacks}))
         layout = RowLayout.webui([1] * sampler.images)
-        session = MonkeySession(settings, layers, layout)
-        source = controlnet.units(hacks)[0]
-        hooks = HookSet(controlnet.patches(hacks, session, source))
+        adapters = controlnet.units(hacks)
+        session = MonkeySession(settings, layers, layout, units=len(adapters))
+        hooks = HookSet(controlnet.patches(hacks, session, adapters))
 
         def unet_call(_module, args) -> None:  # as the A1111 host's pre-hook
             session.begin_unet_call(args[0].shape[0], tuple(args[0].shape[-2:]))

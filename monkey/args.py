@@ -37,6 +37,15 @@ PAPER_TOKENS = 4
 RecordSteps = int | str
 """How many pass-1 steps feed the mask: k spread over the record window, or ``"all"``."""
 
+SHARED = "shared"
+PER_UNIT = "per_unit"
+MASK_MODES = (SHARED, PER_UNIT)
+"""``shared``: one mask, recorded from the source unit, for every unit (several units of one
+subject: face + style). ``per_unit``: each IP-Adapter unit gets its own mask from its own
+attention (one subject per unit)."""
+
+MAX_UNIT = 63
+
 
 class MonkeyArgsError(ValueError):
     """A setting has the wrong type or is out of range; names the field, the value and what fits."""
@@ -65,7 +74,16 @@ def _spec(default: Any, label: str, parse: Parser, allowed: str, help: str) -> A
 
 
 class _Reject(Exception):  # noqa: N818 - internal signal, never escapes
-    pass
+    """``detail`` (optional) says which part of a list value was wrong."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _allowed(name: str, error: _Reject) -> str:
+    allowed = spec(name).allowed
+    return f"{allowed} ({error.detail})" if error.detail else allowed
 
 
 def _as_bool(value: Any) -> bool:
@@ -134,8 +152,46 @@ def _threshold(value: Any) -> Threshold:
     return _float_in(0.0, 1.0)(value)
 
 
-def _thresholds(value: Any) -> tuple[Threshold, ...]:
-    return tuple(_threshold(item) for item in _split(value))
+@dataclass(frozen=True)
+class UnitThreshold:
+    """A ``unitK=T`` entry of the per-image thresholds: unit K's threshold for every image."""
+
+    unit: int
+    threshold: Threshold
+
+    def __str__(self) -> str:
+        return f"unit{self.unit}={_format(self.threshold)}"
+
+
+_UNIT_ENTRY = re.compile(r"^unit\s*(\d+)\s*=\s*(\S.*)$", re.IGNORECASE)
+
+
+def _threshold_entry(item: Any) -> Threshold | UnitThreshold:
+    if isinstance(item, UnitThreshold):
+        return item
+    if isinstance(item, Mapping) and set(item) == {"unit", "threshold"}:  # JSON, asdict
+        item = f"unit{item['unit']}={item['threshold']}"
+    if isinstance(item, str) and item.strip().lower().startswith("unit"):
+        match = _UNIT_ENTRY.match(item.strip())
+        if match is None or int(match.group(1)) > MAX_UNIT:
+            raise _Reject(f"{item.strip()!r} is not unitK=T with K from 0 to {MAX_UNIT}")
+        try:
+            return UnitThreshold(int(match.group(1)), _threshold(match.group(2)))
+        except _Reject:
+            raise _Reject(f"{item.strip()!r}: T must be from 0.0 to 1.0 or 'auto'") from None
+    try:
+        return _threshold(item)
+    except _Reject:
+        raise _Reject(f"{item!r} is no threshold") from None
+
+
+def _thresholds(value: Any) -> tuple[Threshold | UnitThreshold, ...]:
+    entries = tuple(_threshold_entry(item) for item in _split(value))
+    units = [entry.unit for entry in entries if isinstance(entry, UnitThreshold)]
+    repeated = sorted({unit for unit in units if units.count(unit) > 1})
+    if repeated:
+        raise _Reject(f"unit{repeated[0]} is given more than once")
+    return entries
 
 
 _LAYER_NAME = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
@@ -194,13 +250,15 @@ class MonkeyArgs:
         _UNIT,
         "Pixels whose min-max normalised attention reaches this value are subject (paper: 0.5).",
     )
-    thresholds: tuple[Threshold, ...] = _spec(
+    thresholds: tuple[Threshold | UnitThreshold, ...] = _spec(
         (),
         "per-image thresholds",
         _thresholds,
-        "a comma-separated list of numbers from 0.0 to 1.0 or 'auto'",
+        "a comma-separated list of numbers from 0.0 to 1.0 or 'auto', each either plain (one "
+        f"per image) or unitK=T (unit K, 0 to {MAX_UNIT}, every image)",
         "One threshold per image of the generation, in order; 'auto' uses Otsu's threshold on "
-        "that image's map. Images past the end of the list use the threshold above.",
+        "that image's map. Images past the end of the list use the threshold above. 'unitK=T' "
+        "gives IP-Adapter unit K (0 = first) threshold T on every image, in place of the others.",
     )
     layers: tuple[str, ...] = _spec(
         (),
@@ -276,9 +334,10 @@ class MonkeyArgs:
     source_unit: int = _spec(
         0,
         "source unit",
-        _int_in(0, 63),
-        "an integer from 0 to 63",
-        "Which enabled IP-Adapter unit (0 = first) records the mask; every unit is masked.",
+        _int_in(0, MAX_UNIT),
+        f"an integer from 0 to {MAX_UNIT}",
+        "Which enabled IP-Adapter unit (0 = first) records the mask; every unit is masked "
+        "(mask mode 'shared').",
     )
     preview: bool = _spec(
         True, "preview", _as_bool, "true or false", "Show each image's mask after the images."
@@ -323,13 +382,23 @@ class MonkeyArgs:
         "Length of pass 1's own schedule as a fraction of the generation's steps (paper: 0.5, "
         "4 steps against 8); 1.0 runs pass 1 on pass 2's schedule.",
     )
+    mask_mode: str = _spec(
+        SHARED,
+        "mask mode",
+        _choice(MASK_MODES),
+        "'shared' or 'per_unit'",
+        "'shared': one mask, recorded from the source unit, masks every unit (several units of "
+        "one subject, e.g. face + style). 'per_unit': each IP-Adapter unit is masked to its own "
+        "subject, found in its own attention; where subjects overlap, a pixel goes to the unit "
+        "attending to it most.",
+    )
 
     def __post_init__(self) -> None:
         for name in names():
             try:
                 value = spec(name).parse(getattr(self, name))
-            except _Reject:
-                raise MonkeyArgsError(name, getattr(self, name), spec(name).allowed) from None
+            except _Reject as error:
+                raise MonkeyArgsError(name, getattr(self, name), _allowed(name, error)) from None
             object.__setattr__(self, name, value)
         for start, end in (("record_start", "record_end"), ("apply_start", "apply_end")):
             if getattr(self, start) >= getattr(self, end):
@@ -386,10 +455,18 @@ class MonkeyArgs:
 
     # -- per image ------------------------------------------------------------------------------
 
-    def threshold_for(self, image_index: int) -> Threshold:
-        """The threshold of the image at ``image_index`` in the whole generation."""
-        if 0 <= image_index < len(self.thresholds):
-            return self.thresholds[image_index]
+    def threshold_for(self, image_index: int, unit: int | None = None) -> Threshold:
+        """The threshold of the image at ``image_index`` in the whole generation, for the mask
+        of IP-Adapter unit ``unit``: its ``unitK=T`` entry, else the image's plain entry (plain
+        entries are counted alone), else ``threshold``."""
+        per_image = []
+        for entry in self.thresholds:
+            if not isinstance(entry, UnitThreshold):
+                per_image.append(entry)
+            elif entry.unit == unit:
+                return entry.threshold
+        if 0 <= image_index < len(per_image):
+            return per_image[image_index]
         return self.threshold
 
 
@@ -411,11 +488,13 @@ def parse_field(name: str, value: Any) -> Any:
     """Parse one value for ``name`` (used by paste-back of single fields and by XYZ axes)."""
     try:
         return spec(name).parse(value)
-    except _Reject:
-        raise MonkeyArgsError(name, value, spec(name).allowed) from None
+    except _Reject as error:
+        raise MonkeyArgsError(name, value, _allowed(name, error)) from None
 
 
 def _format(value: Any) -> str:
+    if isinstance(value, UnitThreshold):
+        return str(value)
     if isinstance(value, tuple):
         return ", ".join(_format(item) for item in value) if value else "default"
     if isinstance(value, float):

@@ -25,6 +25,9 @@ class MaskStatus(str, Enum):
     """No pixel passed the threshold; fallback: a full mask (plain IP-Adapter), never a lost subject."""
     NO_SIGNAL = "no-signal"
     """No recorded step had a finite, non-flat map; fallback: a full mask (plain IP-Adapter)."""
+    OVERLAP = "overlap"
+    """Mask mode ``per_unit``: every pixel of this unit's mask went to other units attending to
+    it more; the unit keeps its own mask, overlapping theirs, rather than lose its subject."""
 
 
 def layer_size(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

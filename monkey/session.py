@@ -3,6 +3,12 @@
 Hosts feed it the step clock (``begin_step``) and each UNet call's rows (``begin_unet_call``);
 their per-layer wrappers ask it what to do (``ip_action``, ``wants_record``) and hand it tensors
 (``observe``, ``weights``). It never touches a host object.
+
+Several IP-Adapter units: a host passes each call's unit index (0 = first enabled unit) to
+``wants_record``, ``observe`` and ``weights``; the session decides what that unit records and
+which mask it gets (mask mode ``shared``: the source unit records, one mask for all; ``per_unit``:
+every unit records its own map and gets its own mask). ``unit=None`` means "the source unit" in
+``shared`` mode, for hosts that pick the source themselves.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ from enum import Enum
 import torch
 
 from . import maskset
-from .args import MonkeyArgs
+from .args import PER_UNIT, MonkeyArgs, UnitThreshold
 from .masks import row_weights
-from .maskset import MaskSet
+from .maskset import MaskSet, UnitMasks
 from .recorder import MapRecorder
 from .rows import RowLayout, Rows, RowTracker
 from .steps import StepClock, StepPlan
@@ -38,6 +44,16 @@ class IPAction(str, Enum):
 _NO_PLAN = StepPlan(0, (), range(0))
 
 
+def resolve_source_unit(args: MonkeyArgs, units: int) -> tuple[int, str | None]:
+    """The unit that records in mask mode ``shared``: ``source_unit``, or unit 0 with a note
+    when there are only ``units`` units."""
+    if args.source_unit < units:
+        return args.source_unit, None
+    return 0, (
+        f"source unit {args.source_unit} does not exist ({units} IP-Adapter unit(s)); using unit 0"
+    )
+
+
 class MonkeySession:
     def __init__(
         self,
@@ -46,16 +62,33 @@ class MonkeySession:
         layout: RowLayout,
         *,
         image_offset: int = 0,
+        units: int = 1,
     ):
         self.args = args
         self.source_layers = frozenset(source_layers)
+        self._layers = tuple(source_layers)
         self.layout = layout
         self.image_offset = image_offset
         self.rows = RowTracker(layout)
-        self.recorder = MapRecorder(
-            tuple(source_layers), args.token, layout.n_images, args.attention_scale
-        )
-        self.masks: MaskSet | None = None
+        self.per_unit = args.mask_mode == PER_UNIT
+        self.units = max(1, units)
+        """How many IP-Adapter units the host has (grows with the unit indices it passes)."""
+        self.source_unit, note = resolve_source_unit(args, self.units)
+        self.notes: list[str] = [note] if note else []
+        """What the host should tell the user (a missing source unit, unused unit thresholds)."""
+        unused = [
+            str(entry)
+            for entry in args.thresholds
+            if isinstance(entry, UnitThreshold) and entry.unit >= self.units
+        ]
+        if unused:
+            self.notes.append(
+                f"per-image thresholds {', '.join(unused)} name no unit ({self.units} IP-Adapter "
+                "unit(s), counted from 0); unused"
+            )
+        self.recorders: dict[int, MapRecorder] = {}
+        """Each recording unit's maps (``shared``: the source unit's only)."""
+        self.masks: MaskSet | UnitMasks | None = None
         self.phase = Phase.IDLE
         self.step = 0
         self.total = 0
@@ -121,21 +154,64 @@ class MonkeySession:
         """Pass 1 has recorded and passed its window: the host may end it here."""
         last = self.plan.last_record
         return (
-            self.phase is Phase.RECORD
-            and self.recorder.has_data
-            and last is not None
-            and self.step > last
+            self.phase is Phase.RECORD and self.has_data and last is not None and self.step > last
         )
+
+    # -- units ----------------------------------------------------------------------------------
+
+    def saw_units(self, units: int) -> None:
+        """The host has (at least) ``units`` IP-Adapter units."""
+        self.units = max(self.units, units)
+
+    def _recorder(self, unit: int) -> MapRecorder:
+        if unit not in self.recorders:
+            self.recorders[unit] = MapRecorder(
+                self._layers, self.args.token, self.layout.n_images, self.args.attention_scale
+            )
+        return self.recorders[unit]
+
+    @property
+    def recorder(self) -> MapRecorder:
+        """The source unit's recorder (mask mode ``shared``)."""
+        return self._recorder(self.source_unit)
+
+    @property
+    def has_data(self) -> bool:
+        return any(recorder.has_data for recorder in self.recorders.values())
+
+    def _recording_unit(self, unit: int | None) -> int | None:
+        """The recorder a call of ``unit`` feeds, or None when that unit does not record."""
+        if unit is None:
+            if self.per_unit:
+                raise ValueError(
+                    "mask mode 'per_unit' needs the IP-Adapter unit of every recorded call; "
+                    "this host passed none"
+                )
+            return self.source_unit
+        self.saw_units(unit + 1)
+        if self.per_unit or unit == self.source_unit:
+            return unit
+        return None
 
     # -- per layer ------------------------------------------------------------------------------
 
-    def wants_record(self, layer: str) -> bool:
-        return self._recording and layer in self.source_layers
+    def wants_record(self, layer: str, unit: int | None = None) -> bool:
+        """Whether ``layer`` records now, for ``unit`` (None: for the source unit in ``shared``
+        mode, for any unit in ``per_unit`` mode)."""
+        if not (self._recording and layer in self.source_layers):
+            return False
+        return unit is None or self._recording_unit(unit) is not None
 
-    def observe(self, layer: str, query: torch.Tensor, ip_key: torch.Tensor) -> None:
-        """query ``[R, heads, N, d]`` and ip_key ``[R, heads, T, d]`` of the current UNet call."""
-        if self.wants_record(layer) and self.rows.current is not None:
-            self.recorder.observe(self.step, layer, query, ip_key, self.rows.current)
+    def observe(
+        self, layer: str, query: torch.Tensor, ip_key: torch.Tensor, unit: int | None = None
+    ) -> None:
+        """query ``[R, heads, N, d]`` and ip_key ``[R, heads, T, d]`` (``unit``'s own keys) of
+        the current UNet call."""
+        if not self.wants_record(layer, unit) or self.rows.current is None:
+            return
+        recording = self._recording_unit(unit)
+        if recording is not None:
+            self._recorder(recording).observe(self.step, layer, query, ip_key, self.rows.current)
 
     def ip_action(self) -> IPAction:
         return self._action
@@ -151,24 +227,37 @@ class MonkeySession:
             self._action = IPAction.OFF if self.args.ip_off_outside else IPAction.PLAIN
 
     def weights(
-        self, n_tokens: int, device: torch.device, dtype: torch.dtype = torch.float32
+        self,
+        n_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        unit: int | None = None,
     ) -> torch.Tensor:
-        """``[R, N, 1]`` IP weights for the rows of the current UNet call at a layer of N positions,
-        built once per pass for each row layout, layer size, device and dtype, then only reused."""
+        """``[R, N, 1]`` IP weights of ``unit`` for the rows of the current UNet call at a layer
+        of N positions, built once per pass for each unit, row layout, layer size, device and
+        dtype, then only reused."""
         rows = self.rows.current
         if self.masks is None or rows is None:
             raise RuntimeError("no masks or no UNet call in progress")
-        key = (rows.key, n_tokens, str(device), dtype)
+        key = (rows.key, n_tokens, str(device), dtype, unit if self.per_unit else None)
         if key not in self._weights:
-            per_image = self.masks.weights(n_tokens, rows.latent_hw, device)
+            per_image = self.masks.for_unit(unit).weights(n_tokens, rows.latent_hw, device)
             self._weights[key] = row_weights(per_image, rows.images).to(dtype)
         return self._weights[key]
 
     # -- between the passes ---------------------------------------------------------------------
 
-    def build_masks(self) -> MaskSet:
-        if self.recorder.has_data:
-            self.masks = maskset.build(self.recorder.result(), self.args, self.image_offset)
+    def build_masks(self) -> MaskSet | UnitMasks:
+        """``shared``: one ``MaskSet`` from the source unit; ``per_unit``: ``UnitMasks``."""
+        if self.per_unit:
+            recorded = {u: r.result() for u, r in sorted(self.recorders.items()) if r.has_data}
+            self.masks = maskset.build_units(
+                recorded, self.units, self.layout.n_images, self.args, self.image_offset
+            )
+        elif self.recorder.has_data:
+            self.masks = maskset.build(
+                self.recorder.result(), self.args, self.image_offset, self.source_unit
+            )
         else:
             self.masks = MaskSet.full(self.layout.n_images)
         return self.masks

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .hooks import HookSet
-from .maskset import MaskSet
+from .maskset import MaskSet, UnitMasks
 from .session import MonkeySession, Phase
 
 T = TypeVar("T")
@@ -23,7 +23,8 @@ class TwoPassResult(Generic[T]):
     samples: T
     """Pass 2's samples, or pass 1's when pass 2 did not run."""
     first: T | None
-    masks: MaskSet | None
+    masks: MaskSet | UnitMasks | None
+    """The shared masks, or each unit's (mask mode ``per_unit``); None when pass 2 did not run."""
     skipped_reason: str | None = None
     """Why pass 2 did not run, if it did not."""
 
@@ -53,7 +54,7 @@ def run_two_pass(
             session.end()
         if cancelled():
             return TwoPassResult(first, first, None, "interrupted after pass 1")
-        if not session.recorder.has_data:
+        if not session.has_data:
             reason = (
                 "no IP-Adapter attention was recorded in the record window "
                 "(is the unit's start/end or weight excluding it?)"

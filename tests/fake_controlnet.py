@@ -79,6 +79,7 @@ class FakeIPAdapter(torch.nn.Module):
         weight: float | dict[int, float] = 1.0,
         start: float = 0.0,
         end: float = 1.0,
+        blank: bool = False,
     ):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
@@ -94,9 +95,10 @@ class FakeIPAdapter(torch.nn.Module):
                 to_kvs[f"{2 * layer.number + 1}_to_{kind}_ip"] = linear
         proj = torch.randn(TOKENS * CONTEXT_DIM, 8, generator=gen) * 0.35
         image = torch.randn(8, generator=gen)
-        self.image_emb = ImageEmbed(
-            (proj @ image).view(1, TOKENS, CONTEXT_DIM), torch.zeros(1, TOKENS, CONTEXT_DIM)
-        )
+        cond = (proj @ image).view(1, TOKENS, CONTEXT_DIM)
+        if blank:  # a reference whose embedding is zero: every token alike, a flat map
+            cond = torch.zeros_like(cond)
+        self.image_emb = ImageEmbed(cond, torch.zeros(1, TOKENS, CONTEXT_DIM))
         self.weight, self.p_start, self.p_end = weight, start, end
         self.cache: dict = {}
 

@@ -627,6 +627,7 @@ class StableDiffusionProcessingTxt2Img:
         self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = 0.0, 0, 0
         self.firstpass_image, self.refiner_checkpoint, self.is_hr_pass = None, None, False
         self.iteration, self.outpath_samples, self.do_not_save_samples = 0, outpath_samples, False
+        self.is_api = False  # the API's txt2img/img2img routes set it
         self.sampler = None
         self.latents: list[torch.Tensor] = []
 

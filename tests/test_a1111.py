@@ -264,7 +264,7 @@ def hooked_layer(cond_mark: list[float], phase: Phase, repeats: list[int]):
 def test_each_row_gets_its_own_images_mask_in_cond_and_uncond_rows():
     _, hack, session, module, x, q = hooked_layer([1.0, 1.0, 0.0, 0.0], Phase.APPLY, [1, 1])
     plain = hack.fn(module, x, q)
-    masked = controlnet.wrap(hack, session, records=False)(module, x, q)
+    masked = controlnet.wrap(hack, session, 1)(module, x, q)
     assert torch.equal(masked[[0, 2]], plain[[0, 2]])  # cond and uncond rows of image 0: kept
     assert torch.equal(masked[[1, 3]], torch.zeros_like(plain[[1, 3]]))  # image 1: masked out
     assert hacked_attn_forward  # the hacked forward is what calls these in a real run
@@ -273,7 +273,7 @@ def test_each_row_gets_its_own_images_mask_in_cond_and_uncond_rows():
 def test_recording_reads_controlnets_own_cached_keys():
     adapter, hack, session, module, x, q = hooked_layer([1.0, 0.0], Phase.RECORD, [1])
     assert hack.adapter is adapter and hack.number == 7
-    out = controlnet.wrap(hack, session, records=True)(module, x, q)
+    out = controlnet.wrap(hack, session, 0)(module, x, q)
     assert torch.equal(out, hack.fn(module, x, q))  # recording leaves ControlNet's output alone
     k = adapter.cache["15_to_k_ip"].view(2, -1, 2, q.shape[-1]).transpose(1, 2)
     probs = torch.softmax(q[:1] @ k[:1].transpose(-1, -2), -1)  # the reference's unscaled map
@@ -466,6 +466,7 @@ def test_settings_section_and_xyz_axes(webui):
         "[MONKEY] Attention scale",
         "[MONKEY] Recorded steps",
         "[MONKEY] Pass 1 steps",
+        "[MONKEY] Mask mode",
     ]
     p = make_p(webui, MonkeyArgs(enabled=False), **SIZE)
     by_label = {option.label: option for option in xyz.axis_options}
@@ -476,6 +477,8 @@ def test_settings_section_and_xyz_axes(webui):
         by_label["[MONKEY] Token"].confirm(p, ["first"])
     with pytest.raises(MonkeyArgsError):
         by_label["[MONKEY] Attention scale"].confirm(p, ["exact"])
+    with pytest.raises(MonkeyArgsError):
+        by_label["[MONKEY] Mask mode"].confirm(p, ["both"])
     processed = generate(webui, p)
     assert "MONKEY threshold: 0.7" in processed.infotexts[0]
     assert "MONKEY record steps: all" in processed.infotexts[0]
@@ -548,21 +551,21 @@ def test_unload_removes_live_hooks(webui):
 
 def test_several_units_are_all_masked_and_the_chosen_one_records(webui, monkeypatch):
     recorded_by = []
-    real_wrap = controlnet.wrap
+    real_record = controlnet._record
 
-    def spy(hack, session, records):
-        if records:
-            recorded_by.append(hack.adapter)
-        return real_wrap(hack, session, records)
+    def spy(hack, session, query, out, unit):
+        recorded_by.append((hack.adapter, unit))
+        return real_record(hack, session, query, out, unit)
 
-    monkeypatch.setattr(controlnet, "wrap", spy)
+    monkeypatch.setattr(controlnet, "_record", spy)
     units = [{"seed": 7}, {"seed": 8, "weight": 0.5}]
     plain = make_p(webui, monkey=False, units=units, **SIZE)
     generate(webui, plain)
     p = make_p(webui, with_fields(FULL, source_unit=1), units=units, **SIZE)
     generate(webui, p)
     assert (latents(p) - latents(plain)).abs().max() <= 1e-6  # both units ran, same noise
-    assert len(recorded_by) == 16 and all(a is p.controlnet.adapters[1] for a in recorded_by)
+    assert len(recorded_by) == 2  # the paper's layer at the two recorded steps
+    assert all(a is p.controlnet.adapters[1] and unit == 1 for a, unit in recorded_by)
     masked = make_p(webui, ON, units=units, **SIZE)
     generate(webui, masked)
     assert not torch.allclose(latents(masked), latents(plain), atol=1e-3)

@@ -19,6 +19,9 @@ layer_name = st.builds(
     lambda head, rest: ".".join([head, *rest]), ident, st.lists(part, max_size=4)
 )
 window = st.tuples(unit, unit).filter(lambda w: w[0] < w[1])
+unit_thresholds = st.dictionaries(st.integers(0, A.MAX_UNIT), threshold, max_size=3).map(
+    lambda by_unit: [A.UnitThreshold(k, v) for k, v in by_unit.items()]
+)
 
 
 @st.composite
@@ -27,7 +30,9 @@ def monkey_args(draw) -> MonkeyArgs:
     return MonkeyArgs(
         enabled=draw(st.booleans()),
         threshold=draw(unit),
-        thresholds=tuple(draw(st.lists(threshold, max_size=5))),
+        thresholds=tuple(
+            draw(st.permutations(draw(st.lists(threshold, max_size=5)) + draw(unit_thresholds)))
+        ),
         layers=tuple(draw(st.lists(layer_name, max_size=3))),
         token=draw(st.one_of(st.integers(0, A.MAX_TOKEN), st.sampled_from([AUTO, DEFAULT]))),
         record_start=record[0],
@@ -45,6 +50,7 @@ def monkey_args(draw) -> MonkeyArgs:
         attention_scale=draw(st.sampled_from(["reference", "sdpa"])),
         record_steps=draw(st.one_of(st.integers(1, A.MAX_STEPS), st.just(ALL))),
         pass1_steps=draw(unit),
+        mask_mode=draw(st.sampled_from(A.MASK_MODES)),
     )
 
 
@@ -60,7 +66,7 @@ def test_table_covers_every_field_once_with_prefixed_unique_labels():
 NOT_DEFAULT = MonkeyArgs(
     enabled=True,
     threshold=0.3,
-    thresholds=(0.25, AUTO),
+    thresholds=(0.25, A.UnitThreshold(1, 0.4), AUTO),
     layers=("up_blocks.1.x", "mid.y"),
     token=AUTO,
     record_start=0.1,
@@ -78,6 +84,7 @@ NOT_DEFAULT = MonkeyArgs(
     attention_scale="sdpa",
     record_steps=ALL,
     pass1_steps=1.0,
+    mask_mode="per_unit",
 )
 
 
@@ -169,6 +176,13 @@ def test_new_settings_come_after_the_first_releases_so_old_api_lists_still_parse
         ("record_steps", 0, "'all'"),
         ("record_steps", "most", "'all'"),
         ("pass1_steps", 1.5, "0.0 to 1.0"),
+        ("mask_mode", "both", "'shared' or 'per_unit'"),
+        ("mask_mode", 1, "'shared' or 'per_unit'"),
+        ("thresholds", "unit1=1.5", "'unit1=1.5': T must be from 0.0 to 1.0 or 'auto'"),
+        ("thresholds", "unit64=0.5", "K from 0 to 63"),
+        ("thresholds", "unit=0.5", "'unit=0.5' is not unitK=T"),
+        ("thresholds", "unit1=0.5, unit1=auto", "unit1 is given more than once"),
+        ("thresholds", "0.5; 0.4", "'0.5; 0.4' is no threshold"),
     ],
     ids=lambda v: str(v)[:12],
 )
@@ -199,6 +213,22 @@ def test_unknown_api_names_and_overlong_lists_are_errors():
 def test_per_image_thresholds_pick_by_image_index():
     settings = MonkeyArgs(threshold=0.5, thresholds=(0.2, AUTO))
     assert [settings.threshold_for(i) for i in range(4)] == [0.2, AUTO, 0.5, 0.5]
+
+
+def test_unit_thresholds_replace_the_others_for_their_unit_and_parse_in_every_form():
+    text = MonkeyArgs(threshold=0.5, thresholds="0.2, unit1=0.4, Unit 2 = auto, 0.3")
+    listed = MonkeyArgs(threshold=0.5, thresholds=[0.2, "unit1=0.4", "unit2=auto", 0.3])
+    named = MonkeyArgs(
+        threshold=0.5,
+        thresholds=[0.2, {"unit": 1, "threshold": 0.4}, {"unit": 2, "threshold": "auto"}, 0.3],
+    )
+    assert text == listed == named
+    assert text.thresholds[1] == A.UnitThreshold(1, 0.4)
+    assert text.to_infotext()["MONKEY per-image thresholds"] == "0.2, unit1=0.4, unit2=auto, 0.3"
+    for unit in (None, 0, 3):  # plain entries are counted alone, per image
+        assert [text.threshold_for(i, unit) for i in range(3)] == [0.2, 0.3, 0.5]
+    assert [text.threshold_for(i, 1) for i in range(3)] == [0.4] * 3
+    assert [text.threshold_for(i, 2) for i in range(3)] == [AUTO] * 3
 
 
 def test_parse_field_for_single_values():

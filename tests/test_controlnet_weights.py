@@ -76,7 +76,7 @@ def test_a_scalar_weight_zeroes_no_layer():
 def test_a_zero_weight_layer_is_recorded_from_the_adapters_own_keys():
     adapter, _, hack, session, module, x, q = recording_at(style_transfer_sd1())
     assert hack.fn(module, x, q) == 0.0 and "15_to_k_ip" not in adapter.cache
-    out = controlnet.wrap(hack, session, records=True)(module, x, q)
+    out = controlnet.wrap(hack, session, 0)(module, x, q)
     assert not isinstance(out, torch.Tensor) and out == 0.0  # pass 1's image is unchanged
     assert "15_to_k_ip" not in adapter.cache  # ControlNet's cache is left as it had it
     recorded = session.recorder.result().maps[0, 0].reshape(-1)
@@ -89,7 +89,7 @@ def test_a_zero_weight_layer_is_recorded_from_the_adapters_own_keys():
 @pytest.mark.parametrize(("start", "end"), [(0.5, 1.0), (0.0, 0.2)], ids=["before", "after"])
 def test_outside_the_units_start_end_nothing_is_recorded(weight, start, end):
     _, _, hack, session, module, x, q = recording_at(weight, start, end, percent=0.25)
-    assert controlnet.wrap(hack, session, records=True)(module, x, q) == 0.0
+    assert controlnet.wrap(hack, session, 0)(module, x, q) == 0.0
     assert not session.recorder.has_data
 
 
@@ -97,13 +97,16 @@ def test_every_layer_records_and_keeps_controlnets_output():
     _, hacks, hack, session, module, *_ = recording_at(style_transfer_sd1(), sources=SD1.names())
     observed = []
     real_observe = session.observe
-    session.observe = lambda layer, q, k: (observed.append(layer), real_observe(layer, q, k))
+    session.observe = lambda layer, q, k, unit: (
+        observed.append(layer),
+        real_observe(layer, q, k, unit),
+    )
     unet = fake_controlnet.current_model  # the UNet last hooked, as ControlNet keeps it
     for hack in hacks:
         module = unet.get_submodule(hack.layer)
         x, q = query_at(module, hack.layer)
         plain = hack.fn(module, x, q)
-        wrapped = controlnet.wrap(hack, session, records=True)(module, x, q)
+        wrapped = controlnet.wrap(hack, session, 0)(module, x, q)
         assert type(wrapped) is type(plain)
         assert torch.equal(torch.as_tensor(wrapped), torch.as_tensor(plain))
     assert sorted(observed) == sorted(SD1.names())

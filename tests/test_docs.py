@@ -24,9 +24,15 @@ def test_every_setting_is_documented_with_name_key_and_position():
 def test_readme_examples_parse():
     blocks = re.findall(r"```json\n(.*?)```", README, flags=re.S)
     payloads = [json.loads(block) for block in blocks]
-    request = next(p for p in payloads if "alwayson_scripts" in p)
-    named = request["alwayson_scripts"]["MONKEY"]["args"][0]
-    assert A.MonkeyArgs.from_dict(named).enabled
+    requests = [p for p in payloads if "alwayson_scripts" in p]
+    assert len(requests) >= 2  # the API section's and the several-subjects section's
+    for request in requests:
+        named = request["alwayson_scripts"]["MONKEY"]["args"][0]
+        assert A.MonkeyArgs.from_dict(named).enabled
+    several = next(r for r in requests if len(r["alwayson_scripts"]["ControlNet"]["args"]) > 1)
+    assert A.MonkeyArgs.from_dict(several["alwayson_scripts"]["MONKEY"]["args"][0]).mask_mode == (
+        "per_unit"
+    )
 
 
 def test_ci_runs_the_readme_test_command():

@@ -21,14 +21,14 @@ import torch
 from .. import layers as layer_tables
 from ..args import STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
 from ..hooks import AttrPatch, CallbackHook, HookSet, TorchHook
-from ..maskset import MaskSet
+from ..maskset import MaskSet, UnitMasks
 from ..rows import RowLayout
-from ..session import MonkeySession, Phase
+from ..session import MonkeySession, Phase, resolve_source_unit
 from ..steps import StepPlan, pass1_length
 from ..twopass import run_two_pass
 from ..version import __version__
 from . import a1111_schedule, a1111_status, controlnet
-from .a1111_images import mask_image, samples_to_images
+from .a1111_images import previews_of, samples_to_images
 
 logger = logging.getLogger("monkey")
 
@@ -56,7 +56,7 @@ def opts_defaults() -> MonkeyArgs:
 class BatchOutcome:
     offset: int
     n_images: int
-    masks: MaskSet | None
+    masks: MaskSet | UnitMasks | None
     first_images: list = field(default_factory=list)
 
 
@@ -139,8 +139,8 @@ class MonkeyRun:
                 p, "cannot read sd-webui-controlnet's IP-Adapter hooks (unsupported version?)"
             )
             return original(*args, **kwargs)
-        session, source = self._session(p, hacks, adapters, kwargs.get("conditioning"))
-        hooks = HookSet(controlnet.patches(hacks, session, source))
+        session = self._session(p, hacks, adapters, kwargs.get("conditioning"))
+        hooks = HookSet(controlnet.patches(hacks, session, adapters))
         hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
         hooks.add(_denoiser_callback(session))
         LIVE_HOOKS.add(hooks)
@@ -157,8 +157,9 @@ class MonkeyRun:
         finally:
             self._live = None
             LIVE_HOOKS.discard(hooks)
-        silent = controlnet.zero_weight_layers(hacks, source) & session.source_layers
-        self._record(p, session, result, silent)
+        recording = adapters if session.per_unit else [adapters[session.source_unit]]
+        silent = set().union(*(controlnet.zero_weight_layers(hacks, a) for a in recording))
+        self._record(p, session, result, silent & session.source_layers)
         return result.samples
 
     def watch_sampler(self, p: Any) -> None:
@@ -182,13 +183,7 @@ class MonkeyRun:
         patch.install()
 
     def _session(self, p: Any, hacks: list[controlnet.IPHack], adapters: list, conditioning: Any):
-        index = self.settings.source_unit
-        if index >= len(adapters):
-            self.note(
-                p,
-                f"source unit {index} does not exist ({len(adapters)} IP-Adapter unit(s)); using unit 0",
-            )
-            index = 0
+        index, _ = resolve_source_unit(self.settings, len(adapters))
         source = adapters[index]
         available = sorted({hack.layer for hack in hacks if hack.adapter is source})
         try:
@@ -200,9 +195,16 @@ class MonkeyRun:
         batch = getattr(conditioning, "batch", None)
         repeats = [len(conds) for conds in batch] if batch else [1] * len(p.seeds)
         offset = getattr(p, "iteration", 0) * p.batch_size
-        return MonkeySession(
-            self.settings, layers, RowLayout.webui(repeats), image_offset=offset
-        ), source
+        session = MonkeySession(
+            self.settings,
+            layers,
+            RowLayout.webui(repeats),
+            image_offset=offset,
+            units=len(adapters),
+        )
+        for note in session.notes:
+            self.note(p, note)
+        return session
 
     def _pass(self, p: Any, original: Callable, args: tuple, kwargs: dict, phase: Phase):
         from modules import shared
@@ -246,8 +248,9 @@ class MonkeyRun:
         for image in range(n_images):
             self.statuses[session.image_offset + image] = (
                 a1111_status.status(result.masks, image, reason, session.recorder.token_count)
-                + schedule
-            )
+                if not isinstance(result.masks, UnitMasks)
+                else a1111_status.unit_status(result.masks, image)
+            ) + schedule
         self.batches.append(outcome)
 
     # -- after the images -----------------------------------------------------------------------
@@ -265,25 +268,28 @@ class MonkeyRun:
                 if batch.masks is None or position >= len(processed.images):
                     continue
                 info = processed.infotexts[position] if position < len(processed.infotexts) else ""
-                mask = mask_image(batch.masks, image, processed.images[position].size)
+                shown, saved = previews_of(
+                    batch.masks, image, processed.images[position], getattr(p, "is_api", False)
+                )
                 if self.settings.preview:
-                    previews.append(mask)
-                    infotexts.append(info)
+                    previews.extend(shown)
+                    infotexts.extend([info] * len(shown))
                 if self.settings.preview_pass1 and image < len(batch.first_images):
                     previews.append(batch.first_images[image])
                     infotexts.append(info)
                 if self.settings.save_masks and p.save_samples():
-                    webui_images.save_image(
-                        mask,
-                        p.outpath_samples,
-                        "",
-                        p.all_seeds[index],
-                        p.all_prompts[index],
-                        "png",
-                        info=info,
-                        p=p,
-                        suffix="-monkey-mask",
-                    )
+                    for suffix, mask in saved.items():
+                        webui_images.save_image(
+                            mask,
+                            p.outpath_samples,
+                            "",
+                            p.all_seeds[index],
+                            p.all_prompts[index],
+                            "png",
+                            info=info,
+                            p=p,
+                            suffix=suffix,
+                        )
         processed.images.extend(previews)
         processed.infotexts.extend(infotexts)
 

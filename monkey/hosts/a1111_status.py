@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..masks import MaskStatus
-from ..maskset import MaskSet
+from ..maskset import MaskSet, UnitMasks
 from ..session import MonkeySession, Phase
 
 
@@ -16,12 +16,23 @@ def status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | 
     if status is MaskStatus.EMPTY:
         return "empty mask, kept plain IP-Adapter"
     coverage = float(masks.binary[image].float().mean())
-    threshold = masks.thresholds[image]
-    text = (
-        f"masked {coverage:.0%} of the image at threshold {threshold:.2f}, "
-        f"token {masks.tokens[image]} of {tokens}"
-    )
+    threshold, token = masks.thresholds[image], masks.tokens[image]
+    text = f"masked {coverage:.0%} of the image"
+    if threshold is not None:  # None: a mask given whole, not thresholded from a map
+        text += f" at threshold {threshold:.2f}"
+    if token is not None:
+        text += f", token {token} of {tokens}"
+    if status is MaskStatus.OVERLAP:
+        return f"{text} (overlapping other units: they attend to all of it more)"
     return text if status is MaskStatus.OK else f"{text} (full mask)"
+
+
+def unit_status(masks: UnitMasks, image: int) -> str:
+    """Mask mode ``per_unit``: each unit's status, ``unit 0: masked 31% ...; unit 1: ...``."""
+    return "; ".join(
+        f"unit {unit}: {status(unit_masks, image, None, masks.token_counts[unit])}"
+        for unit, unit_masks in enumerate(masks.units)
+    )
 
 
 def steps_text(steps: range | tuple[int, ...]) -> str:

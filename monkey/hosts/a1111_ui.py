@@ -13,6 +13,7 @@ from ..args import (
     ATTENTION_SCALES,
     AUTO,
     DEFAULT,
+    MASK_MODES,
     MonkeyArgs,
     MonkeyArgsError,
     labels,
@@ -76,7 +77,7 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
             c["thresholds"] = gr.Textbox(
                 value="",
                 label="Per-image thresholds",
-                placeholder="e.g. 0.5, auto, 0.4",
+                placeholder="e.g. 0.5, auto, 0.4 or unit1=0.4",
                 elem_id=eid("thresholds"),
             )
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
@@ -90,6 +91,12 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                     maximum=63,
                     label="Mask from IP-Adapter unit",
                     elem_id=eid("source_unit"),
+                )
+                c["mask_mode"] = gr.Radio(
+                    list(MASK_MODES),
+                    value=defaults.mask_mode,
+                    label="Mask mode (per_unit: one subject per unit)",
+                    elem_id=eid("mask_mode"),
                 )
             with gr.Row():
                 c["pass1_steps"] = slider("pass1_steps", "Pass 1 steps (fraction)")
@@ -217,6 +224,7 @@ def add_xyz_axes() -> None:
         ("Attention scale", "attention_scale", str, lambda: list(ATTENTION_SCALES)),
         ("Recorded steps", "record_steps", str, lambda: list(RECORD_STEPS_CHOICES)),
         ("Pass 1 steps", "pass1_steps", float, None),
+        ("Mask mode", "mask_mode", str, lambda: list(MASK_MODES)),
     ]
     xyz.axis_options.extend(
         xyz.AxisOption(

@@ -164,7 +164,7 @@ def projected_ip_key(hack: IPHack, query: torch.Tensor) -> torch.Tensor | None:
     return split_heads(key, query.shape[1])
 
 
-def _record(hack: IPHack, session: MonkeySession, query: torch.Tensor, out: Any) -> None:
+def _record(hack: IPHack, session: MonkeySession, query: torch.Tensor, out: Any, unit: int) -> None:
     if isinstance(out, torch.Tensor):
         key = cached_ip_key(hack, query)
     elif ip_weight(hack) == 0.0 and in_guidance_window(hack):
@@ -174,11 +174,12 @@ def _record(hack: IPHack, session: MonkeySession, query: torch.Tensor, out: Any)
     if key is None:
         logger.debug("MONKEY: no IP key at %s; step not recorded", hack.layer)
     else:
-        session.observe(hack.layer, query, key)
+        session.observe(hack.layer, query, key, unit)
 
 
-def wrap(hack: IPHack, session: MonkeySession, records: bool) -> Callable:
-    """The replacement for one ``ipadapter_hacks`` entry."""
+def wrap(hack: IPHack, session: MonkeySession, unit: int) -> Callable:
+    """The replacement for one ``ipadapter_hacks`` entry of IP-Adapter unit ``unit``; the session
+    decides whether that unit records and which mask it gets."""
     fn = hack.fn
 
     def monkey_ip_hack(attn, x, q):
@@ -188,23 +189,31 @@ def wrap(hack: IPHack, session: MonkeySession, records: bool) -> Callable:
         if action is IPAction.OFF:
             return 0.0
         out = fn(attn, x, q)
-        if records and session.wants_record(hack.layer):
-            _record(hack, session, q, out)
+        if session.wants_record(hack.layer, unit):
+            _record(hack, session, q, out, unit)
         if action is IPAction.MASKED and isinstance(out, torch.Tensor):
-            out = masks.apply(out, session.weights(out.shape[1], out.device, out.dtype))
+            out = masks.apply(out, session.weights(out.shape[1], out.device, out.dtype, unit))
         return out
 
     monkey_ip_hack.__wrapped__ = fn
     return monkey_ip_hack
 
 
-def patches(hacks: list[IPHack], session: MonkeySession, source_unit: Any) -> list[ListItemPatch]:
-    """One owned patch per entry; only the source unit's entries record."""
+def unit_index(hack: IPHack, adapters: list[Any]) -> int:
+    """The unit (position in ``units(...)``) an entry belongs to; ``len(adapters)`` for an entry
+    whose adapter cannot be read: it is masked like any unit but never records."""
+    return next((i for i, a in enumerate(adapters) if hack.adapter is a), len(adapters))
+
+
+def patches(
+    hacks: list[IPHack], session: MonkeySession, adapters: list[Any]
+) -> list[ListItemPatch]:
+    """One owned patch per entry, each told its unit index."""
     return [
         ListItemPatch(
             hack.items,
             hack.fn,
-            lambda fn, hack=hack: wrap(hack, session, hack.adapter is source_unit),
+            lambda fn, hack=hack: wrap(hack, session, unit_index(hack, adapters)),
         )
         for hack in hacks
     ]

@@ -6,6 +6,12 @@ hooks on ``attn.to_q`` and ``to_k_ip``). Masking computes ``IPAdapterAttnProcess
 arithmetic with the image attention times the layer's cached weights (``diffusers_masked``);
 other IP-Adapter processors go through their ``ip_adapter_masks`` path with a mask already at
 the layer's grid, so its resampling is the identity and per-row masks reach the right rows.
+
+IP-Adapter units here are images: adapter 0's images first, then adapter 1's, and so on. Mask
+mode ``per_unit`` records each image from its own keys and masks each with its own mask (each
+adapter's weights on the exact path when every adapter has one image; otherwise diffusers'
+``ip_adapter_masks``, which attends each image of an adapter on its own where it masks);
+``shared`` records ``source_adapter``.
 """
 
 from __future__ import annotations
@@ -103,9 +109,10 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         action = session.ip_action() if session.active else IPAction.PLAIN
         masked = action is IPAction.MASKED and ip_adapter_masks is None
         if masked and diffusers_masked.supports(self.inner, EXACT_PROCESSOR, encoder_hidden_states):
-            weights = session.weights(
-                _positions(hidden_states), hidden_states.device, hidden_states.dtype
-            )
+            weights = self._unit_weights(hidden_states, encoder_hidden_states[1])
+        else:
+            weights = None
+        if weights is not None:
             return diffusers_masked.masked_ip_attention(
                 self.inner,
                 attn,
@@ -134,7 +141,9 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
                 scale,
                 ip_adapter_masks,
             )
-            if self.armed and {"q", "k"} <= self.captured.keys():
+            if self.armed and session.per_unit and "q" in self.captured:
+                self._observe_units(attn.heads, encoder_hidden_states[1])
+            elif self.armed and {"q", "k"} <= self.captured.keys():
                 heads = attn.heads
                 session.observe(self.name, split_heads(self.captured["q"], heads), self._key(heads))
         finally:
@@ -148,6 +157,32 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         key = self.captured["k"]  # [R, images, T, C]: diffusers concatenates the images' tokens
         return split_heads(key.reshape(key.shape[0], -1, key.shape[-1]), heads)
 
+    def _unit_weights(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor]):
+        """The exact path's weights: one tensor for all adapters (``shared``), one per adapter
+        (``per_unit``), or None when an adapter has several images to mask apart."""
+        session, n = self.session, _positions(hidden_states)
+        device, dtype = hidden_states.device, hidden_states.dtype
+        if not session.per_unit:
+            return session.weights(n, device, dtype)
+        if any(state.ndim == 4 and state.shape[1] != 1 for state in ip_states):
+            return None
+        return [session.weights(n, device, dtype, unit) for unit in range(len(ip_states))]
+
+    def _observe_units(self, heads: int, ip_states: list[torch.Tensor]) -> None:
+        """Mask mode ``per_unit``: every image of every adapter records from its own keys."""
+        query = split_heads(self.captured["q"], heads)
+        unit = 0
+        for adapter, state in enumerate(ip_states):
+            key = self.captured.get(f"k{adapter}")  # [R, images, T, C]; absent at scale 0
+            if key is not None:
+                key = key if key.ndim == 4 else key[:, None]
+                for image in range(key.shape[1]):
+                    self.session.observe(
+                        self.name, query, split_heads(key[:, image], heads), unit + image
+                    )
+            unit += state.shape[1] if state.ndim == 4 else 1
+        self.session.saw_units(unit)
+
     def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor]):
         """The ``ip_adapter_masks`` list for this call, built once per pass and row layout."""
         session = self.session
@@ -157,17 +192,30 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
             rows.key,
             hidden_states.shape,
             hidden_states.dtype,
-            len(ip_states),
+            tuple(state.shape[1] for state in ip_states),
         )
         if key not in self._mask_lists:
             n_tokens = _positions(hidden_states)
-            weights = session.weights(n_tokens, hidden_states.device, hidden_states.dtype)
-            hw = layer_size(n_tokens, rows.latent_hw)
-            grid = weights.reshape(weights.shape[0], 1, *diffusers_mask_grid(n_tokens, hw))
+            grid = diffusers_mask_grid(n_tokens, layer_size(n_tokens, rows.latent_hw))
+
+            def unit_grid(unit: int | None) -> torch.Tensor:
+                weights = session.weights(n_tokens, hidden_states.device, hidden_states.dtype, unit)
+                return weights.reshape(weights.shape[0], 1, *grid)
+
             self._mask_lists.clear()  # one pass's masks at a time
-            self._mask_lists[key] = [
-                grid.expand(grid.shape[0], state.shape[1], *grid.shape[-2:]) for state in ip_states
-            ]
+            if session.per_unit:  # each image of each adapter: its own unit's mask
+                first = [
+                    sum(state.shape[1] for state in ip_states[:i]) for i in range(len(ip_states))
+                ]
+                self._mask_lists[key] = [
+                    torch.cat([unit_grid(start + j) for j in range(state.shape[1])], dim=1)
+                    for start, state in zip(first, ip_states)
+                ]
+            else:
+                shared = unit_grid(None)
+                self._mask_lists[key] = [
+                    shared.expand(shared.shape[0], state.shape[1], *grid) for state in ip_states
+                ]
         return self._mask_lists[key]
 
 
@@ -202,13 +250,16 @@ class DiffusersMonkey:
                         lambda a=attn, p=patch: a.to_q.register_forward_hook(p.wrapper.capture("q"))
                     )
                 )
-                self.hooks.add(
-                    TorchHook(
-                        lambda p=patch: p.wrapper.inner.to_k_ip[
-                            source_adapter
-                        ].register_forward_hook(p.wrapper.capture("k"))
+                # per_unit: every adapter's keys ("k0", "k1", ...); shared: the source's ("k")
+                adapters = range(len(attn.processor.to_k_ip)) if session.per_unit else ()
+                for index, name in [(i, f"k{i}") for i in adapters] or [(source_adapter, "k")]:
+                    self.hooks.add(
+                        TorchHook(
+                            lambda p=patch, i=index, n=name: p.wrapper.inner.to_k_ip[
+                                i
+                            ].register_forward_hook(p.wrapper.capture(n))
+                        )
                     )
-                )
 
     def _on_unet_call(self, _module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]

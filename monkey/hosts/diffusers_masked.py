@@ -44,9 +44,12 @@ def masked_ip_attention(
     encoder_hidden_states: tuple[torch.Tensor, list[torch.Tensor]],
     attention_mask: torch.Tensor | None,
     temb: torch.Tensor | None,
-    weights: torch.Tensor,
+    weights: torch.Tensor | list[torch.Tensor],
 ) -> torch.Tensor:
-    """The processor's output with each adapter's image attention times ``weights`` ``[R, N, 1]``."""
+    """The processor's output with each adapter's image attention times ``weights`` ``[R, N, 1]``
+    (one tensor for every adapter, or a list with one per adapter)."""
+    if isinstance(weights, torch.Tensor):
+        weights = [weights] * len(encoder_hidden_states[1])
     residual = hidden_states
     text_states, ip_states = encoder_hidden_states
     if attn.spatial_norm is not None:
@@ -80,8 +83,8 @@ def masked_ip_attention(
     )
     out = _merge(out, batch, heads, head_dim, query.dtype)
 
-    for state, scale, to_k_ip, to_v_ip in zip(
-        ip_states, processor.scale, processor.to_k_ip, processor.to_v_ip
+    for state, scale, to_k_ip, to_v_ip, adapter_weights in zip(
+        ip_states, processor.scale, processor.to_k_ip, processor.to_v_ip, weights
     ):
         if scale == 0:  # as the processor: a zero scale skips the adapter
             continue
@@ -93,7 +96,7 @@ def masked_ip_attention(
             dropout_p=0.0,
             is_causal=False,
         )
-        out = out + scale * (_merge(ip, batch, heads, head_dim, query.dtype) * weights)
+        out = out + scale * (_merge(ip, batch, heads, head_dim, query.dtype) * adapter_weights)
 
     out = attn.to_out[0](out)
     out = attn.to_out[1](out)
