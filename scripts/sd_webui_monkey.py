@@ -15,11 +15,12 @@ if Path(monkey.__file__).resolve().parent != _HERE / "monkey":
         f"sd-webui-monkey: 'monkey' resolved to {monkey.__file__}, expected {_HERE / 'monkey'}"
     )
 
-from monkey.hosts import a1111, a1111_ui, controlnet_backend  # noqa: E402
+from monkey.hosts import a1111, a1111_ui, controlnet_backend, forge  # noqa: E402
 
 
 def backend(p) -> a1111.IPBackend:
-    return controlnet_backend.BACKEND
+    """Forge (and reForge) bring their own IP-Adapter; A1111 has sd-webui-controlnet's."""
+    return forge.BACKEND if forge.is_forge(p) else controlnet_backend.BACKEND
 
 
 class MonkeyScript(scripts.Script):
