@@ -482,3 +482,21 @@ def test_pass_two_without_patches_to_wrap_says_it_did_not_mask(webui):
 def test_the_script_picks_the_forge_backend_on_forge(webui):
     p = make_forge_p(webui, ON, **SIZE)
     assert webui.script_module.backend(p) is forge.BACKEND
+
+
+def test_forge_timestep_samplers_are_clocked_in_the_sigmas_their_callback_sees():
+    from types import SimpleNamespace as Ns
+
+    from monkey.hosts import a1111_schedule
+
+    alphas = torch.linspace(0.999, 0.01, 1000)
+    timesteps = torch.tensor([1, 251, 501, 751])
+    converting = Ns(classic_ddim_eps_estimation=True, inner_model=Ns(inner_model=Ns(alphas_cumprod=alphas)))  # fmt: skip
+    forge_ddim = Ns(config=Ns(name="DDIM"), model_wrap_cfg=converting)
+    clock = a1111_schedule.sampler_clock(forge_ddim, Ns(steps=4), {"timesteps": timesteps})
+    order = [751, 501, 251, 1]
+    sigmas = ((1 - alphas[order]) / alphas[order]).sqrt()  # as Forge's denoiser converts them
+    assert [clock.step_at(float(sigma)) for sigma in sigmas] == [0, 1, 2, 3]
+    a1111_ddim = Ns(config=Ns(name="DDIM"), model_wrap_cfg=Ns())
+    plain = a1111_schedule.sampler_clock(a1111_ddim, Ns(steps=4), {"timesteps": timesteps})
+    assert plain.levels == [float(t) for t in order]  # A1111 hands the callback timesteps
