@@ -5,6 +5,10 @@ split over several UNet calls. The WebUI (``CFGDenoiser``) puts cond rows first 
 once per AND sub-prompt), then uncond rows (plus one more uncond block for edit models), and may
 call the UNet once per chunk; diffusers pipelines put the uncond half first. Counting rows from
 the start of each denoiser call recovers the mapping for every one of these layouts.
+
+ComfyUI-style samplers (Forge, reForge) say what each call holds instead: a list of chunks, each
+one cond or uncond prompt for every image of the batch in image order, uncond usually first,
+possibly split over calls; ``RowTracker.chunks`` maps those directly.
 """
 
 from __future__ import annotations
@@ -95,9 +99,23 @@ class RowTracker:
         self.current = None
 
     def unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
-        hw = (int(latent_hw[0]), int(latent_hw[1]))
         pairs = tuple(self.layout.row(self.offset + i) for i in range(n_rows))
         self.offset += n_rows
+        return self._use(pairs, latent_hw)
+
+    def chunks(self, kinds: Sequence[bool], chunk: int, latent_hw: tuple[int, int]) -> Rows:
+        """A UNet call made of ``len(kinds)`` chunks of ``chunk`` rows: chunk ``k`` is a cond
+        prompt if ``kinds[k]``, and row ``j`` of every chunk is image ``j`` of the batch."""
+        if chunk != self.layout.n_images:
+            raise ValueError(
+                f"a UNet call in chunks of {chunk} rows does not fit a batch of "
+                f"{self.layout.n_images} image(s)"
+            )
+        pairs = tuple((j, bool(kind)) for kind in kinds for j in range(chunk))
+        return self._use(pairs, latent_hw)
+
+    def _use(self, pairs: tuple[tuple[int, bool], ...], latent_hw: tuple[int, int]) -> Rows:
+        hw = (int(latent_hw[0]), int(latent_hw[1]))
         key = (pairs, hw)
         if key not in self._seen:
             self._seen[key] = Rows(

@@ -13,6 +13,7 @@ every unit records its own map and gets its own mask). ``unit=None`` means "the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
@@ -99,6 +100,8 @@ class MonkeySession:
         self.history: list[tuple[Phase, StepPlan]] = []
         """Every sampler run's plan in order: pass 1, pass 2 and its hires pass."""
         self._weights: dict[tuple, torch.Tensor] = {}
+        self._uniform: dict[int, float | None] = {}
+        """id of a cached weights tensor -> its value where it is the same everywhere (1 or 0)."""
         self._recording = False
         self._action = IPAction.PLAIN
 
@@ -111,6 +114,7 @@ class MonkeySession:
         self.step, self.total = 0, 0
         self.clock = None
         self._weights.clear()
+        self._uniform.clear()
         self._decide()
         self.plans.pop(phase, None)
         self.rows.new_denoiser_call()
@@ -149,6 +153,12 @@ class MonkeySession:
 
     def begin_unet_call(self, n_rows: int, latent_hw: tuple[int, int]) -> Rows:
         return self.rows.unet_call(n_rows, latent_hw)
+
+    def begin_unet_chunks(
+        self, kinds: Sequence[bool], chunk: int, latent_hw: tuple[int, int]
+    ) -> Rows:
+        """A UNet call whose rows are described by the host (see ``RowTracker.chunks``)."""
+        return self.rows.chunks(kinds, chunk, latent_hw)
 
     def should_stop(self) -> bool:
         """Pass 1 has recorded and passed its window: the host may end it here."""
@@ -242,8 +252,22 @@ class MonkeySession:
         key = (rows.key, n_tokens, str(device), dtype, unit if self.per_unit else None)
         if key not in self._weights:
             per_image = self.masks.for_unit(unit).weights(n_tokens, rows.latent_hw, device)
-            self._weights[key] = row_weights(per_image, rows.images).to(dtype)
+            weights = row_weights(per_image, rows.images).to(dtype)
+            self._weights[key] = weights
+            uniform = None  # read once per pass here, so hosts can branch on it without a sync
+            for value in (1.0, 0.0):
+                if bool((weights == value).all()):
+                    uniform = value
+            self._uniform[id(weights)] = uniform
         return self._weights[key]
+
+    def weights_are_ones(self, weights: torch.Tensor) -> bool:
+        """``weights`` (from ``weights``) keep IP-Adapter everywhere: plain IP-Adapter."""
+        return self._uniform.get(id(weights)) == 1.0
+
+    def weights_are_zeros(self, weights: torch.Tensor) -> bool:
+        """``weights`` (from ``weights``) drop IP-Adapter everywhere."""
+        return self._uniform.get(id(weights)) == 0.0
 
     # -- between the passes ---------------------------------------------------------------------
 

@@ -15,7 +15,12 @@ if Path(monkey.__file__).resolve().parent != _HERE / "monkey":
         f"sd-webui-monkey: 'monkey' resolved to {monkey.__file__}, expected {_HERE / 'monkey'}"
     )
 
-from monkey.hosts import a1111, a1111_ui  # noqa: E402
+from monkey.hosts import a1111, a1111_ui, controlnet_backend, forge  # noqa: E402
+
+
+def backend(p) -> a1111.IPBackend:
+    """Forge (and reForge) bring their own IP-Adapter; A1111 has sd-webui-controlnet's."""
+    return forge.BACKEND if forge.is_forge(p) else controlnet_backend.BACKEND
 
 
 class MonkeyScript(scripts.Script):
@@ -29,7 +34,7 @@ class MonkeyScript(scripts.Script):
         return a1111_ui.build(self, is_img2img)
 
     def process(self, p, *args):
-        a1111.start(p, args)
+        a1111.start(p, args, backend(p))
 
     def process_batch(self, p, *args, **kwargs):
         a1111.before_batch(p)

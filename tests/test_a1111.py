@@ -88,16 +88,6 @@ def test_nothing_to_mask_runs_untouched_and_says_why(webui, controlnet, units, r
     assert_clean(webui, p)
 
 
-def test_forge_is_recognised_and_left_untouched(webui):
-    plain = make_p(webui, monkey=False, **SIZE)
-    generate(webui, plain)
-    p = make_p(webui, ON, **SIZE)
-    p.sd_model.forge_objects = object()
-    processed = generate(webui, p)
-    assert "Forge" in processed.infotexts[0]
-    assert torch.equal(latents(p), latents(plain))
-
-
 def test_refiner_is_refused_with_a_message(webui):
     p = make_p(webui, ON, **SIZE)
     p.refiner_checkpoint = "refiner.safetensors"

@@ -57,3 +57,14 @@ def test_a_new_denoiser_call_restarts_the_count():
 def test_every_image_needs_a_cond_row():
     with pytest.raises(ValueError, match="repeats"):
         RowLayout.webui([1, 0])
+
+
+def test_chunked_calls_say_what_their_rows_are():
+    tracker = RowTracker(RowLayout.webui([1, 1]))
+    rows = tracker.chunks([False, True, True], 2, (4, 4))  # uncond first, then two AND prompts
+    pairs = list(zip(rows.images.tolist(), rows.cond.tolist()))
+    assert pairs == [(0, U), (1, U), (0, C), (1, C), (0, C), (1, C)]
+    assert tracker.chunks([True], 2, (4, 4)).cond.tolist() == [True, True]  # cond-only call
+    assert tracker.chunks([False, True, True], 2, (4, 4)) is rows  # same rows, same object
+    with pytest.raises(ValueError, match="chunks of 3 rows"):
+        tracker.chunks([True], 3, (4, 4))

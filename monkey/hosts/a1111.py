@@ -1,10 +1,15 @@
-"""MONKEY in AUTOMATIC1111's WebUI 1.10 on sd-webui-controlnet's IP-Adapter units.
+"""MONKEY in AUTOMATIC1111's WebUI 1.10 and in what runs its processing (Forge: A1111 1.10.1).
 
-Per batch, ``process_batch`` wraps the *current* ``p.sample`` (ControlNet's ``process_sample``,
-which marks cond/uncond prompts) with a wrapper that removes itself when the batch's sampling
-ends. The wrapper runs pass 1 with hires fix off and IP-Adapter attention recorded, stops it
-right after the last recorded step, rebuilds ``p.rng`` exactly as ``process_images_inner`` built
-it, and runs pass 2 with every IP-Adapter output multiplied by its image's mask.
+Per batch, ``process_batch`` wraps the *current* ``p.sample`` (with sd-webui-controlnet, its
+``process_sample``, which marks cond/uncond prompts) with a wrapper that removes itself when the
+batch's sampling ends. The wrapper runs pass 1 with hires fix off and IP-Adapter attention
+recorded, stops it right after the last recorded step, rebuilds ``p.rng`` exactly as
+``process_images_inner`` built it, and runs pass 2 with every IP-Adapter output multiplied by its
+image's mask.
+
+Where the IP-Adapter lives is the one thing that differs between WebUIs: an ``IPBackend``
+(sd-webui-controlnet's hooks in ``controlnet_backend``, Forge's UNet patches in ``forge``) finds
+the units and opens each batch's session and hooks; everything else here is shared.
 """
 
 from __future__ import annotations
@@ -16,18 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .. import layers as layer_tables
 from ..args import STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
-from ..hooks import AttrPatch, CallbackHook, HookSet, TorchHook
+from ..hooks import AttrPatch, CallbackHook, HookSet
 from ..maskset import MaskSet, UnitMasks
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase, resolve_source_unit
 from ..steps import StepPlan, pass1_length
-from ..twopass import run_two_pass
+from ..twopass import TwoPassResult, run_two_pass
 from ..version import __version__
-from . import a1111_schedule, a1111_status, controlnet
+from . import a1111_schedule, a1111_status
 from .a1111_images import previews_of, samples_to_images
 
 logger = logging.getLogger("monkey")
@@ -60,17 +63,58 @@ class BatchOutcome:
     first_images: list = field(default_factory=list)
 
 
+class IPBatch:
+    """What an IP-Adapter backend opens for one batch: its session and the hooks that live as
+    long as the batch samples (the run adds the step clock and removes them all at the end)."""
+
+    def __init__(self, session: MonkeySession, hooks: HookSet):
+        self.session = session
+        self.hooks = hooks
+
+    def before_sampling(self, p: Any) -> None:
+        """Each ``process_before_every_sampling`` while the batch samples, after the backend's
+        own WebUI extension ran its own."""
+
+    def silent_layers(self) -> set[str]:
+        """Source layers whose IP output the backend drops (recorded from the unit's keys)."""
+        return set()
+
+    def unmasked_reason(self) -> str | None:
+        """Why pass 2, though it ran, could not mask (None: it masked)."""
+        return None
+
+
+class IPBackend:
+    """Where a WebUI keeps its IP-Adapter units."""
+
+    def unavailable(self, p: Any) -> str | None:
+        """Why MONKEY can do nothing in this generation at all (None: it may)."""
+        return None
+
+    def open_batch(self, run: MonkeyRun, p: Any, kwargs: dict) -> IPBatch | None:
+        """This batch's session and hooks; None after ``run.skip`` said why there is nothing to
+        mask. ``kwargs`` are ``p.sample``'s."""
+        raise NotImplementedError
+
+    def explain(self, p: Any, reason: str) -> str:
+        """``reason`` pass 2 did not run, with what this backend adds to it."""
+        return reason
+
+
 class MonkeyRun:
     """One generation's MONKEY state, kept on ``p`` as ``p._monkey_run``."""
 
-    def __init__(self, settings: MonkeyArgs, error: MonkeyArgsError | None = None):
+    def __init__(
+        self, settings: MonkeyArgs, backend: IPBackend, error: MonkeyArgsError | None = None
+    ):
         self.settings = settings
+        self.backend = backend
         self.error = error
         self.skip_reason: str | None = None
         self.batches: list[BatchOutcome] = []
         self.statuses: dict[int, str] = {}
         self._sample_patch: AttrPatch | None = None
-        self._live: tuple[MonkeySession, HookSet] | None = None
+        self._live: IPBatch | None = None
         """The batch that is sampling now: its session and the hooks that end with it."""
 
     # -- messages -------------------------------------------------------------------------------
@@ -126,25 +170,13 @@ class MonkeyRun:
             raise self.error
         if self.skip_reason:
             return original(*args, **kwargs)
-        unet = p.sd_model.model.diffusion_model
-        hacks = controlnet.find_ip_hacks(unet)
-        if not hacks:
-            self.skip(
-                p, "no active IP-Adapter unit (enable a ControlNet unit with an ip-adapter model)"
-            )
+        batch = self.backend.open_batch(self, p, kwargs)
+        if batch is None:
             return original(*args, **kwargs)
-        adapters = controlnet.units(hacks)
-        if not adapters:
-            self.skip(
-                p, "cannot read sd-webui-controlnet's IP-Adapter hooks (unsupported version?)"
-            )
-            return original(*args, **kwargs)
-        session = self._session(p, hacks, adapters, kwargs.get("conditioning"))
-        hooks = HookSet(controlnet.patches(hacks, session, adapters))
-        hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
+        session, hooks = batch.session, batch.hooks
         hooks.add(_denoiser_callback(session))
         LIVE_HOOKS.add(hooks)
-        self._live = (session, hooks)
+        self._live = batch
         try:
             result = run_two_pass(
                 session,
@@ -157,17 +189,39 @@ class MonkeyRun:
         finally:
             self._live = None
             LIVE_HOOKS.discard(hooks)
-        recording = adapters if session.per_unit else [adapters[session.source_unit]]
-        silent = set().union(*(controlnet.zero_weight_layers(hacks, a) for a in recording))
-        self._record(p, session, result, silent & session.source_layers)
+        self._record(p, batch, result)
         return result.samples
+
+    def source_index(self, n_units: int) -> int:
+        """The unit that records in mask mode ``shared`` (the session notes a missing one)."""
+        return resolve_source_unit(self.settings, n_units)[0]
+
+    def new_session(
+        self, p: Any, available: list[str], layout: RowLayout, units: int = 1
+    ) -> MonkeySession:
+        """A batch's session for ``units`` IP-Adapter units, recording at the settings' layers
+        among ``available``; its notes (a missing source unit, unused unit thresholds) are the
+        run's."""
+        try:
+            layers = layer_tables.source_layers(self.settings.layers, available)
+        except KeyError as error:
+            raise MonkeyArgsError(
+                "layers", ", ".join(self.settings.layers) or "default", str(error)
+            ) from None
+        offset = getattr(p, "iteration", 0) * p.batch_size
+        session = MonkeySession(self.settings, layers, layout, image_offset=offset, units=units)
+        for note in session.notes:
+            self.note(p, note)
+        return session
 
     def watch_sampler(self, p: Any) -> None:
         """``process_before_every_sampling``: read the schedule this sampler run is handed, so the
         step of each denoiser call comes from its noise level (see ``steps.StepClock``)."""
-        if self._live is None:
+        batch = self._live
+        if batch is None:
             return
-        session, hooks = self._live
+        session, hooks = batch.session, batch.hooks
+        batch.before_sampling(p)
         sampler = getattr(p, "sampler", None)
         if not callable(getattr(sampler, "func", None)):
             session.use_schedule(None)
@@ -181,30 +235,6 @@ class MonkeyRun:
         )
         hooks.add(patch)
         patch.install()
-
-    def _session(self, p: Any, hacks: list[controlnet.IPHack], adapters: list, conditioning: Any):
-        index, _ = resolve_source_unit(self.settings, len(adapters))
-        source = adapters[index]
-        available = sorted({hack.layer for hack in hacks if hack.adapter is source})
-        try:
-            layers = layer_tables.source_layers(self.settings.layers, available)
-        except KeyError as error:
-            raise MonkeyArgsError(
-                "layers", ", ".join(self.settings.layers) or "default", str(error)
-            ) from None
-        batch = getattr(conditioning, "batch", None)
-        repeats = [len(conds) for conds in batch] if batch else [1] * len(p.seeds)
-        offset = getattr(p, "iteration", 0) * p.batch_size
-        session = MonkeySession(
-            self.settings,
-            layers,
-            RowLayout.webui(repeats),
-            image_offset=offset,
-            units=len(adapters),
-        )
-        for note in session.notes:
-            self.note(p, note)
-        return session
 
     def _pass(self, p: Any, original: Callable, args: tuple, kwargs: dict, phase: Phase):
         from modules import shared
@@ -229,27 +259,26 @@ class MonkeyRun:
         state.nextjob()
         return samples
 
-    def _record(self, p: Any, session: MonkeySession, result, silent: set[str]) -> None:
+    def _record(self, p: Any, batch: IPBatch, result: TwoPassResult) -> None:
+        session = batch.session
         n_images = session.layout.n_images
-        outcome = BatchOutcome(session.image_offset, n_images, result.masks)
-        reason = result.skipped_reason
-        if result.masks is None and getattr(p, "sampler_name", None) == "DPM adaptive":
-            reason = (
-                f"{reason}; with DPM adaptive, sd-webui-controlnet switches IP-Adapter off once "
-                "the sampler's adaptive steps pass the nominal step count"
-            )
-        if result.masks is None:
+        reason = result.skipped_reason or batch.unmasked_reason()
+        masks = result.masks if reason is None else None
+        outcome = BatchOutcome(session.image_offset, n_images, masks)
+        if masks is None:
+            reason = self.backend.explain(p, reason)
             self.note(p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {reason}")
         elif self.settings.preview_pass1 and result.first is not None:
             outcome.first_images = samples_to_images(p, result.first)
         schedule = ""
-        if result.masks is not None:
+        if masks is not None:
+            silent = batch.silent_layers() & session.source_layers
             schedule = a1111_status.schedule_text(session) + a1111_status.silent_text(silent)
         for image in range(n_images):
             self.statuses[session.image_offset + image] = (
-                a1111_status.status(result.masks, image, reason, session.recorder.token_count)
-                if not isinstance(result.masks, UnitMasks)
-                else a1111_status.unit_status(result.masks, image)
+                a1111_status.unit_status(masks, image)
+                if isinstance(masks, UnitMasks)
+                else a1111_status.status(masks, image, reason, session.recorder.token_count)
             ) + schedule
         self.batches.append(outcome)
 
@@ -295,14 +324,6 @@ class MonkeyRun:
 
 
 # -- host glue ----------------------------------------------------------------------------------
-
-
-def _unet_call(session: MonkeySession) -> Callable:
-    def pre_hook(_module, args):
-        if args and isinstance(args[0], torch.Tensor):
-            session.begin_unet_call(args[0].shape[0], tuple(args[0].shape[-2:]))
-
-    return pre_hook
 
 
 def _denoiser_callback(session: MonkeySession) -> CallbackHook:
@@ -364,16 +385,20 @@ def reset_rng(p: Any) -> None:
     same initial and per-step noise as pass 1 (ImageRNG is stateful)."""
     from modules import processing, rng, shared
 
-    channels = getattr(shared.sd_model, "latent_channels", processing.opt_C)
+    current = getattr(p, "rng", None)
+    inner = current if isinstance(current, rng.ImageRNG) else getattr(current, "rng", None)
+    shape = getattr(inner, "shape", None)
+    if shape is None:  # the latent shape the WebUI built it with (Forge reads it from its VAE)
+        channels = getattr(shared.sd_model, "latent_channels", processing.opt_C)
+        shape = (channels, p.height // processing.opt_f, p.width // processing.opt_f)
     fresh = rng.ImageRNG(
-        (channels, p.height // processing.opt_f, p.width // processing.opt_f),
+        shape,
         p.seeds,
         subseeds=p.subseeds,
         subseed_strength=p.subseed_strength,
         seed_resize_from_h=p.seed_resize_from_h,
         seed_resize_from_w=p.seed_resize_from_w,
     )
-    current = getattr(p, "rng", None)
     if current is not None and not isinstance(current, rng.ImageRNG) and hasattr(current, "rng"):
         wrapper = copy.copy(current)  # e.g. ControlNet's HackedImageRNG around an ImageRNG
         wrapper.rng = fresh
@@ -388,7 +413,7 @@ def _our_keys() -> list[str]:
     return [*labels().values(), VERSION_LABEL, STATUS_LABEL]
 
 
-def start(p: Any, script_args: tuple) -> MonkeyRun | None:
+def start(p: Any, script_args: tuple, backend: IPBackend) -> MonkeyRun | None:
     """``Script.process``: parse the settings; when enabled, write them to the infotext."""
     params = p.extra_generation_params
     for key in _our_keys():  # XYZ cells share one dict: drop what an earlier cell wrote
@@ -403,7 +428,7 @@ def start(p: Any, script_args: tuple) -> MonkeyRun | None:
         error, settings = caught, MonkeyArgs(enabled=True)
     if not settings.enabled:
         return None
-    run = MonkeyRun(settings, error)
+    run = MonkeyRun(settings, backend, error)
     setattr(p, RUN_ATTR, run)
     if error is not None:
         logger.error("MONKEY: %s", error)
@@ -411,15 +436,9 @@ def start(p: Any, script_args: tuple) -> MonkeyRun | None:
     params.update(settings.to_infotext())
     params[VERSION_LABEL] = __version__
     params[STATUS_LABEL] = run.status_text
-    if hasattr(getattr(p, "sd_model", None), "forge_objects"):
-        run.skip(
-            p,
-            "Forge's built-in IP-Adapter is not supported yet; use AUTOMATIC1111 with sd-webui-controlnet",
-        )
-    elif _find_controlnet(p) is None:
-        run.skip(
-            p, "sd-webui-controlnet is not installed or not enabled; install it to use IP-Adapter"
-        )
+    reason = backend.unavailable(p)
+    if reason is not None:
+        run.skip(p, reason)
     elif getattr(p, "refiner_checkpoint", None) is not None:
         run.skip(p, "the refiner swaps models inside sampling; turn the refiner off to use MONKEY")
     return run
@@ -458,9 +477,10 @@ def unload() -> None:
     LIVE_HOOKS.clear()
 
 
-def _find_controlnet(p: Any) -> Any:
+def find_script(p: Any, title: str) -> Any:
+    """The AlwaysOn script of ``p`` with this title (case-insensitive), if it runs."""
     runner = getattr(p, "scripts", None)
     for script in getattr(runner, "alwayson_scripts", []) or []:
-        if script.title().lower() == "controlnet":
+        if script.title().lower() == title.lower():
             return script
     return None

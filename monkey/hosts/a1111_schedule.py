@@ -30,6 +30,7 @@ def sampler_clock(sampler: Any, p: Any, kwargs: dict) -> StepClock | None:
         # one step per timestep, as the user counts them; the WebUI's DDIM-style loops never
         # evaluate the smallest one, so their last step simply never comes
         levels = sorted((float(t) for t in kwargs["timesteps"].tolist()), reverse=True)
+        levels = _as_callback_levels(sampler, levels)
     elif kwargs.get("sigma_min") is not None and kwargs.get("sigma_max") is not None:
         # DPM fast / adaptive choose their own sigmas: steps of equal log-sigma length
         count = int(kwargs.get("n") or p.steps)
@@ -38,6 +39,22 @@ def sampler_clock(sampler: Any, p: Any, kwargs: dict) -> StepClock | None:
     else:
         return None
     return StepClock(levels, end_evals) if levels else None
+
+
+def _as_callback_levels(sampler: Any, timesteps: list[float]) -> list[float]:
+    """Forge's timestep denoisers turn the timestep into its sigma before the denoiser callback
+    (``classic_ddim_eps_estimation``), so the clock must count in sigmas there, converted as they
+    convert it: ``sqrt((1 − ᾱ_t) / ᾱ_t)``."""
+    denoiser = getattr(sampler, "model_wrap_cfg", None)
+    if not getattr(denoiser, "classic_ddim_eps_estimation", False):
+        return timesteps
+    alphas = denoiser.inner_model.inner_model.alphas_cumprod
+    last = int(alphas.shape[0]) - 1
+    sigmas = []
+    for t in timesteps:
+        alpha = float(alphas[min(max(round(t), 0), last)])
+        sigmas.append(((1.0 - alpha) / alpha) ** 0.5)
+    return sigmas
 
 
 def schedule_reader(func: Callable, sampler: Any, p: Any, session: MonkeySession) -> Callable:

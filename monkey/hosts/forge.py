@@ -1,0 +1,162 @@
+"""MONKEY on Forge (lllyasviel/stable-diffusion-webui-forge, A1111 1.10.1 processing on Forge's
+own ``backend/``) and reForge: its built-in IP-Adapter, driven by the integrated ControlNet.
+
+Forge rebuilds the UNet's patches on every ``p.sample``: it resets ``p.sd_model.forge_objects``
+to a shallow copy of ``forge_objects_after_applying_lora``, then runs every script's
+``process_before_every_sampling``, where the integrated ControlNet's IP-Adapter clones the UNet
+patcher and registers its attn2 patches. So the two passes are the A1111 host's (``a1111``),
+and at each ``process_before_every_sampling`` of the batch (MONKEY's runs after ControlNet's:
+``metadata.ini``) this backend clones the patched UNet again and puts a ``MonkeyAttn2`` around
+each IP-Adapter patch of the clone (``forge_attn``). Nothing cached is touched: not the patcher
+ControlNet built, not its cached parameters, not ``forge_objects_after_applying_lora``; when the
+batch ends the current ``forge_objects.unet`` goes back to the unwrapped one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import layers as layer_tables
+from ..args import PER_UNIT
+from ..hooks import HookSet
+from ..rows import RowLayout
+from ..session import MonkeySession, Phase
+from . import forge_attn
+from .a1111 import IPBackend, IPBatch, MonkeyRun, find_script
+
+logger = logging.getLogger("monkey")
+
+IP_PATCHER = "IPAdapterPatcher"
+"""The class name of the integrated ControlNet's IP-Adapter model (``sd_forge_ipadapter``)."""
+
+
+def is_forge(p: Any) -> bool:
+    """Forge and reForge keep the UNet patcher on the model as ``forge_objects``."""
+    return hasattr(getattr(p, "sd_model", None), "forge_objects")
+
+
+def ip_units(controlnet: Any) -> list[int] | None:
+    """Indices (among the enabled ControlNet units) of the IP-Adapter ones, in unit order, from
+    what the integrated ControlNet prepared in ``process``; None if that cannot be read."""
+    params = getattr(controlnet, "current_params", None)
+    if not isinstance(params, dict):
+        return None
+    return [
+        index
+        for index, param in sorted(params.items())
+        if type(getattr(param, "model", None)).__name__ == IP_PATCHER
+    ]
+
+
+def attn2_patches(unet: Any) -> dict[tuple, Any]:
+    """The IP-Adapter attn2 patches of a UNet patcher, by ``patches_replace`` key; a MONKEY
+    wrapper found there (a clone of a patcher we wrapped) counts as the patch it wraps."""
+    options = getattr(unet, "model_options", None) or {}
+    replace = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    found = {}
+    for key, patch in replace.items():
+        while isinstance(patch, forge_attn.MonkeyAttn2):
+            patch = patch.patch
+        if forge_attn.is_ip_patch(patch):
+            found[key] = patch
+    return found
+
+
+class UnetSwap:
+    """``forge_objects.unet`` replaced by our wrapped clone; removal puts the unwrapped patcher
+    back if ours is still there (Forge drops the object on the next ``p.sample`` anyway)."""
+
+    def __init__(self, objects: Any, original: Any, wrapped: Any):
+        self.objects, self.original, self.wrapped = objects, original, wrapped
+        self.installed = False
+
+    def install(self) -> None:
+        if not self.installed:
+            self.objects.unet = self.wrapped
+            self.installed = True
+
+    def remove(self) -> None:
+        if self.installed:
+            self.installed = False
+            if self.objects.unet is self.wrapped:
+                self.objects.unet = self.original
+
+
+class ForgeBatch(IPBatch):
+    def __init__(self, session: MonkeySession, hooks: HookSet, source: int):
+        super().__init__(session, hooks)
+        self.source = source
+        self.wrapped: dict[Phase, int] = {}
+        """Patches wrapped per pass: pass 2 without any cannot have masked."""
+
+    def before_sampling(self, p: Any) -> None:
+        session = self.session
+        if not session.active:  # MONKEY found nothing to mask: the plain generation, untouched
+            return
+        objects = p.sd_model.forge_objects
+        unet = objects.unet
+        patches = attn2_patches(unet)
+        if not patches:
+            logger.warning("MONKEY: no IP-Adapter patch on Forge's UNet for this sampling")
+            return
+        unknown = session.source_layers - {forge_attn.layer_name(key) for key in patches}
+        if unknown:
+            raise ValueError(
+                f"mask layer(s) {', '.join(sorted(unknown))} carry no IP-Adapter patch on this model"
+            )
+        work = unet.clone()  # never the patcher ControlNet handed over: a clone we own
+        for key, patch in patches.items():
+            layer = forge_attn.layer_name(key)
+            source = self.source if layer in session.source_layers else None
+            wrapper = forge_attn.MonkeyAttn2(patch, layer, session, source)
+            work.set_model_attn2_replace(wrapper, *key)
+        swap = UnetSwap(objects, unet, work)
+        self.hooks.add(swap)
+        swap.install()
+        self.wrapped[session.phase] = self.wrapped.get(session.phase, 0) + len(patches)
+
+    def unmasked_reason(self) -> str | None:
+        if not self.wrapped.get(Phase.APPLY):
+            return "pass 2 found no IP-Adapter patch on Forge's UNet to mask"
+        return None
+
+
+class ForgeBackend(IPBackend):
+    def unavailable(self, p: Any) -> str | None:
+        if find_script(p, "controlnet") is None:
+            return (
+                "Forge's integrated ControlNet is not enabled; its IP-Adapter units are what "
+                "MONKEY masks"
+            )
+        return None
+
+    def open_batch(self, run: MonkeyRun, p: Any, kwargs: dict) -> IPBatch | None:
+        units = ip_units(find_script(p, "controlnet"))
+        if units == []:
+            run.skip(
+                p,
+                "no active IP-Adapter unit (enable a ControlNet unit with an IPAdapter "
+                "preprocessor such as CLIP-ViT-H (IPAdapter))",
+            )
+            return None
+        if units is None:
+            logger.warning("MONKEY: cannot read the integrated ControlNet's units; trying anyway")
+        if run.settings.mask_mode == PER_UNIT:
+            run.skip(
+                p,
+                "mask mode 'per_unit' is not available on Forge yet (each unit's own recording is "
+                "not wired there); use mask mode 'shared'",
+            )
+            return None
+        source = run.source_index(len(units)) if units else run.settings.source_unit
+        family = layer_tables.SDXL if getattr(p.sd_model, "is_sdxl", False) else layer_tables.SD1
+        # Forge's UNet calls say which prompt and image each row is (``RowTracker.chunks``);
+        # the layout only fixes the batch's image count
+        layout = RowLayout.webui([1] * len(p.seeds))
+        n_units = len(units) if units else source + 1
+        session = run.new_session(p, list(family.names()), layout, units=n_units)
+        return ForgeBatch(session, HookSet(), source)
+
+
+BACKEND = ForgeBackend()
