@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+import torch
 from hypothesis import settings
 
 # CPU-only CI on 2 cores: no per-example deadline, a fixed example budget, reproducible examples.
@@ -9,13 +11,24 @@ settings.load_profile("default")
 settings.register_profile("explore", deadline=None, max_examples=500)
 
 
+# -- tiny diffusers pipelines -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one thread is several times faster than contending for two.
+    Modules that build tiny pipelines use it for all their tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- the WebUI fixture ----------------------------------------------------------------------------
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_diffusers_pipeline import reference
 from tiny_pipeline import SIZE, SOURCE, write_model_files
@@ -21,12 +20,7 @@ from monkey.diffusers.sheet import COLUMNS, MIN_CELL_WIDTH
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ from monkey.diffusers.scores import dino_pixels
 SUBJECTS = {"dog6": "dog", "rc_car": "rc car"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
