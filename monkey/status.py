@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..masks import MaskStatus
-from ..maskset import MaskSet, UnitMasks
-from ..session import MonkeySession, Phase
+from .masks import MaskStatus
+from .maskset import MaskSet, UnitMasks
+from .session import MonkeySession, Phase
 
 
 def status(masks: MaskSet | None, image: int, reason: str | None, tokens: int | None) -> str:

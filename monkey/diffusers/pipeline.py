@@ -1,7 +1,7 @@
 """MONKEY's two passes on a diffusers Stable Diffusion (XL) pipeline, txt2img or img2img.
 
 The pipeline is called twice exactly as the user would call it, with the UNet host
-(``hosts/diffusers.py``) hooked for the call: pass 1 on its own shorter schedule, stopped
+(``hooks.py``) hooked for the call: pass 1 on its own shorter schedule, stopped
 through the pipeline's own ``interrupt`` right after its last recorded step; pass 2 from the same
 noise (every generator is put back to the state it had before pass 1). Steps are the pipeline's
 sampler steps, read off the scheduler's timesteps, so second-order schedulers (Heun, DPM2,
@@ -28,10 +28,10 @@ from ..layers import source_layers
 from ..maskset import MaskSet
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
+from ..status import schedule_text, status
 from ..steps import pass1_length
 from ..twopass import run_two_pass
-from .a1111_status import schedule_text, status  # host-free: the WebUI's status text, reused
-from .diffusers import DiffusersMonkey, ip_attention_modules
+from .hooks import DiffusersMonkey, ip_attention_modules
 
 logger = logging.getLogger("monkey")
 
