@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from tiny import Inputs, sd15_shaped_unet, with_ip_adapter  # noqa: E402
 
 from monkey.args import MonkeyArgs  # noqa: E402
-from monkey.hosts.diffusers import DiffusersMonkey  # noqa: E402
+from monkey.diffusers.hooks import DiffusersMonkey  # noqa: E402
 from monkey.layers import SD1, source_layers  # noqa: E402
 from monkey.rows import RowLayout  # noqa: E402
 from monkey.session import MonkeySession, Phase  # noqa: E402

@@ -36,14 +36,14 @@ from bench_recording import LiveBytes  # noqa: E402
 from ip_unets import Model, build  # noqa: E402
 
 from monkey.args import MonkeyArgs  # noqa: E402
+from monkey.diffusers.hooks import DiffusersMonkey  # noqa: E402
 from monkey.hooks import HookSet, TorchHook  # noqa: E402
-from monkey.hosts import controlnet  # noqa: E402
-from monkey.hosts.diffusers import DiffusersMonkey  # noqa: E402
 from monkey.layers import source_layers  # noqa: E402
 from monkey.rows import RowLayout  # noqa: E402
 from monkey.session import MonkeySession, Phase  # noqa: E402
 from monkey.steps import pass1_length  # noqa: E402
 from monkey.twopass import run_two_pass  # noqa: E402
+from monkey.webui import controlnet  # noqa: E402
 
 
 @dataclass

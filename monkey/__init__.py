@@ -1,7 +1,8 @@
 """MONKEY: IP-Adapter subject masks from IP-Adapter's own attention (arXiv 2510.07656).
 
-The core (everything outside ``monkey.hosts``) is pure torch: it never imports the WebUI,
-gradio or diffusers.
+The core (the modules of this package itself) is pure torch: it never imports the WebUI, gradio,
+diffusers or ComfyUI. Each place MONKEY runs is a wing of its own over it: ``monkey.webui``
+(AUTOMATIC1111 and Forge) and ``monkey.diffusers`` (the pipeline call and the command line).
 """
 
 from .version import __version__

@@ -15,12 +15,14 @@ if Path(monkey.__file__).resolve().parent != _HERE / "monkey":
         f"sd-webui-monkey: 'monkey' resolved to {monkey.__file__}, expected {_HERE / 'monkey'}"
     )
 
-from monkey.hosts import a1111, a1111_ui, controlnet_backend, forge  # noqa: E402
+from monkey.webui import controlnet, forge, run  # noqa: E402
+from monkey.webui import ui as monkey_ui  # noqa: E402
+from monkey.webui.backend import IPBackend  # noqa: E402
 
 
-def backend(p) -> a1111.IPBackend:
+def backend(p) -> IPBackend:
     """Forge (and reForge) bring their own IP-Adapter; A1111 has sd-webui-controlnet's."""
-    return forge.BACKEND if forge.is_forge(p) else controlnet_backend.BACKEND
+    return forge.BACKEND if forge.is_forge(p) else controlnet.BACKEND
 
 
 class MonkeyScript(scripts.Script):
@@ -31,19 +33,19 @@ class MonkeyScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool):
-        return a1111_ui.build(self, is_img2img)
+        return monkey_ui.build(self, is_img2img)
 
     def process(self, p, *args):
-        a1111.start(p, args, backend(p))
+        run.start(p, args, backend(p))
 
     def process_batch(self, p, *args, **kwargs):
-        a1111.before_batch(p)
+        run.before_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        a1111.before_sampling(p)
+        run.before_sampling(p)
 
     def postprocess(self, p, processed, *args):
-        a1111.finish(p, processed)
+        run.finish(p, processed)
 
 
-a1111_ui.register_callbacks()
+monkey_ui.register_callbacks()

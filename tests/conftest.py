@@ -51,6 +51,6 @@ def webui(monkeypatch):
     handle = WebUI(modules, errors, saved)
     handle.script_module = script_module
     yield handle
-    from monkey.hosts import a1111
+    from monkey.webui import run
 
-    a1111.unload()
+    run.unload()

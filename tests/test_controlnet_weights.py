@@ -11,10 +11,10 @@ from fake_controlnet import FakeIPAdapter, style_transfer_sd1
 from webui_run import generate, latents, make_p
 
 from monkey.args import MonkeyArgs
-from monkey.hosts import controlnet
 from monkey.layers import SD1
 from monkey.rows import RowLayout
 from monkey.session import MonkeySession, Phase
+from monkey.webui import controlnet
 
 ON = MonkeyArgs(enabled=True)
 LAYER = "output_blocks.4.1.transformer_blocks.0.attn2"  # the paper's layer, group 8

@@ -128,7 +128,8 @@ def test_bad_settings_and_wrong_kinds_fail_clearly(files, tmp_path, capsys):
 
 
 def test_every_webui_independent_setting_is_a_flag():
-    from monkey.diffusers.cli import WEBUI_ONLY, build_parser
+    from monkey.diffusers.cli import build_parser
+    from monkey.diffusers.options import WEBUI_ONLY
 
     given = "generate --model m --ip-adapter a --image-encoder e --image i --prompt p"
     options = build_parser().parse_args(given.split())

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from tiny import CLIP_DIM, TOKENS, Inputs, set_ip_scale, tiny_unet, with_ip_adapter
 
 from monkey.args import MonkeyArgs
-from monkey.hosts import diffusers as diffusers_host
-from monkey.hosts.diffusers import DiffusersMonkey, MonkeyIPAdapterProcessor, ip_attention_modules
+from monkey.diffusers import hooks as diffusers_host
+from monkey.diffusers.hooks import DiffusersMonkey, MonkeyIPAdapterProcessor, ip_attention_modules
 from monkey.masks import MaskStatus
 from monkey.maskset import MaskSet
 from monkey.rows import RowLayout

@@ -17,8 +17,8 @@ from PIL import Image
 from tiny_pipeline import SIZE, SOURCE, tiny_pipeline
 
 from monkey.args import MonkeyArgs
-from monkey.hosts.diffusers import MonkeyIPAdapterProcessor, ip_attention_modules
-from monkey.hosts.diffusers_pipeline import (
+from monkey.diffusers.hooks import MonkeyIPAdapterProcessor, ip_attention_modules
+from monkey.diffusers.pipeline import (
     LoopClock,
     loop_steps,
     monkey_generate,
@@ -352,7 +352,7 @@ def test_clear_errors(pipe, tmp_path):
 
 
 def test_mask_images_follow_the_mask_set():
-    from monkey.hosts.diffusers_pipeline import mask_images
+    from monkey.diffusers.pipeline import mask_images
 
     binary = torch.tensor([[[True, False], [False, False]]])
     masks = MaskSet(binary, [None], [0.5], [1])

@@ -7,7 +7,7 @@ import torch
 from tiny import Inputs, set_ip_scale, tiny_unet, with_ip_adapter
 
 from monkey.args import MonkeyArgs
-from monkey.hosts.diffusers import DiffusersMonkey
+from monkey.diffusers.hooks import DiffusersMonkey
 from monkey.masks import MaskStatus
 from monkey.rows import RowLayout
 from monkey.session import MonkeySession, Phase

@@ -7,7 +7,7 @@ import torch
 from tiny import CLIP_DIM, ip_adapter_state_dict, set_ip_scale, tiny_unet
 
 from monkey.args import MonkeyArgs
-from monkey.hosts.diffusers import DiffusersMonkey
+from monkey.diffusers.hooks import DiffusersMonkey
 from monkey.maskset import MaskSet, UnitMasks
 from monkey.rows import RowLayout
 from monkey.session import MonkeySession, Phase

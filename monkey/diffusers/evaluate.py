@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .cli import MonkeyCliError, Progress, call_kwargs, open_pipeline, settings_from
 from .files import need, open_image
+from .options import MonkeyCliError, Progress, call_kwargs, open_pipeline, settings_from
 
 LOCATION_PROMPTS = (
     " in the jungle",
@@ -193,7 +193,7 @@ def jobs(
 
 
 def run_evaluate(options: argparse.Namespace) -> int:
-    from ..hosts.diffusers_pipeline import monkey_generate
+    from .pipeline import monkey_generate
     from .scores import Scorer
 
     if not 1 <= options.prompts <= len(LOCATION_PROMPTS):

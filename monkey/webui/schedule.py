@@ -2,7 +2,8 @@
 
 The WebUI builds a sampler's schedule inside ``sampler.sample``/``sample_img2img`` and hands it to
 ``sampler.func`` as keyword arguments; wrapping ``func`` for the batch is the one place it can be
-read, whatever the sampler and scheduler.
+read, whatever the sampler and scheduler. An ``on_cfg_denoiser`` callback then places each
+denoiser call on that schedule by its noise level, and ends pass 1 after its last recorded step.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ..hooks import CallbackHook
 from ..session import MonkeySession
 from ..steps import StepClock
 
@@ -66,3 +68,25 @@ def schedule_reader(func: Callable, sampler: Any, p: Any, session: MonkeySession
         return func(*args, **kwargs)
 
     return monkey_read_schedule
+
+
+def denoiser_callback(session: MonkeySession) -> CallbackHook:
+    from modules import script_callbacks, sd_samplers_common
+
+    def on_cfg_denoiser(params) -> None:
+        if session.clock is not None:
+            sigma = params.sigma
+            session.begin_level(float(sigma.max()) if hasattr(sigma, "max") else float(sigma))
+        else:  # a sampler whose schedule could not be read: count its denoiser calls
+            denoiser = getattr(params, "denoiser", None)
+            step, total = getattr(denoiser, "step", None), getattr(denoiser, "steps", None)
+            if step is None or not total:
+                step, total = params.sampling_step, params.total_sampling_steps
+            session.begin_step(min(int(step), int(total) - 1), int(total))
+        if session.should_stop():
+            raise sd_samplers_common.InterruptedException  # ends pass 1; launch_sampling catches it
+
+    return CallbackHook(
+        lambda: script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="monkey_step"),
+        lambda: script_callbacks.remove_callbacks_for_function(on_cfg_denoiser),
+    )

@@ -8,13 +8,12 @@ recorded, stops it right after the last recorded step, rebuilds ``p.rng`` exactl
 image's mask.
 
 Where the IP-Adapter lives is the one thing that differs between WebUIs: an ``IPBackend``
-(sd-webui-controlnet's hooks in ``controlnet_backend``, Forge's UNet patches in ``forge``) finds
-the units and opens each batch's session and hooks; everything else here is shared.
+(``backend``: sd-webui-controlnet's hooks in ``controlnet``, Forge's UNet patches in ``forge``)
+finds the units and opens each batch's session and hooks; everything else here is shared.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import weakref
 from collections.abc import Callable
@@ -22,37 +21,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import layers as layer_tables
+from .. import status
 from ..args import STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
-from ..hooks import AttrPatch, CallbackHook, HookSet
+from ..hooks import AttrPatch, HookSet
 from ..maskset import MaskSet, UnitMasks
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase, resolve_source_unit
-from ..steps import StepPlan, pass1_length
+from ..steps import pass1_length
 from ..twopass import TwoPassResult, run_two_pass
 from ..version import __version__
-from . import a1111_schedule, a1111_status
-from .a1111_images import previews_of, samples_to_images
+from . import progress, schedule
+from .backend import IPBackend, IPBatch
+from .images import previews_of, samples_to_images
+from .noise import reset_rng
+from .options import settings_for
 
 logger = logging.getLogger("monkey")
 
 RUN_ATTR = "_monkey_run"
-XYZ_ATTR = "_monkey_xyz"
-"""Settings forced per XYZ-plot cell: ``{field: value}`` on the processing object."""
 
 LIVE_HOOKS: weakref.WeakSet[HookSet] = weakref.WeakSet()
 """Hooks of batches still sampling; removed on script unload if a reload interrupts one."""
-
-
-def opts_defaults() -> MonkeyArgs:
-    """Defaults from Settings → MONKEY."""
-    from modules import shared
-
-    data = shared.opts.data
-    return MonkeyArgs(
-        threshold=data.get("monkey_threshold", MonkeyArgs.threshold),
-        preview=data.get("monkey_preview", MonkeyArgs.preview),
-        save_masks=data.get("monkey_save_masks", MonkeyArgs.save_masks),
-    )
 
 
 @dataclass
@@ -61,44 +50,6 @@ class BatchOutcome:
     n_images: int
     masks: MaskSet | UnitMasks | None
     first_images: list = field(default_factory=list)
-
-
-class IPBatch:
-    """What an IP-Adapter backend opens for one batch: its session and the hooks that live as
-    long as the batch samples (the run adds the step clock and removes them all at the end)."""
-
-    def __init__(self, session: MonkeySession, hooks: HookSet):
-        self.session = session
-        self.hooks = hooks
-
-    def before_sampling(self, p: Any) -> None:
-        """Each ``process_before_every_sampling`` while the batch samples, after the backend's
-        own WebUI extension ran its own."""
-
-    def silent_layers(self) -> set[str]:
-        """Source layers whose IP output the backend drops (recorded from the unit's keys)."""
-        return set()
-
-    def unmasked_reason(self) -> str | None:
-        """Why pass 2, though it ran, could not mask (None: it masked)."""
-        return None
-
-
-class IPBackend:
-    """Where a WebUI keeps its IP-Adapter units."""
-
-    def unavailable(self, p: Any) -> str | None:
-        """Why MONKEY can do nothing in this generation at all (None: it may)."""
-        return None
-
-    def open_batch(self, run: MonkeyRun, p: Any, kwargs: dict) -> IPBatch | None:
-        """This batch's session and hooks; None after ``run.skip`` said why there is nothing to
-        mask. ``kwargs`` are ``p.sample``'s."""
-        raise NotImplementedError
-
-    def explain(self, p: Any, reason: str) -> str:
-        """``reason`` pass 2 did not run, with what this backend adds to it."""
-        return reason
 
 
 class MonkeyRun:
@@ -174,7 +125,7 @@ class MonkeyRun:
         if batch is None:
             return original(*args, **kwargs)
         session, hooks = batch.session, batch.hooks
-        hooks.add(_denoiser_callback(session))
+        hooks.add(schedule.denoiser_callback(session))
         LIVE_HOOKS.add(hooks)
         self._live = batch
         try:
@@ -183,7 +134,7 @@ class MonkeyRun:
                 lambda phase: self._pass(p, original, args, kwargs, phase),
                 reset_noise=lambda: reset_rng(p),
                 hooks=hooks,
-                cancelled=_cancelled,
+                cancelled=progress.cancelled,
                 first_is_final=_pass_one_is_plain(p, self.settings),
             )
         finally:
@@ -231,24 +182,17 @@ class MonkeyRun:
         ):
             return  # img2img keeps one sampler for every pass and batch: already watched
         patch = AttrPatch(
-            sampler, "func", lambda func: a1111_schedule.schedule_reader(func, sampler, p, session)
+            sampler, "func", lambda func: schedule.schedule_reader(func, sampler, p, session)
         )
         hooks.add(patch)
         patch.install()
 
     def _pass(self, p: Any, original: Callable, args: tuple, kwargs: dict, phase: Phase):
-        from modules import shared
-
-        state = shared.state
+        progress.show_pass(phase)
         if phase is not Phase.RECORD:
-            state.textinfo = {
-                Phase.APPLY: "MONKEY pass 2 of 2: masked IP-Adapter",
-                Phase.IDLE: "MONKEY found nothing to mask: plain generation",
-            }[phase]
             return original(*args, **kwargs)
-        state.textinfo = "MONKEY pass 1 of 2: recording the subject mask"
         steps = pass1_length(p.steps, self.settings.pass1_steps)
-        _extend_progress(p, self.settings, steps)
+        progress.extend_progress(p, self.settings, steps)
         scoped = HookSet()
         if _pass_one_skips_hires(p):
             scoped.add(AttrPatch(p, "enable_hr", lambda _: False))  # hires only in pass 2
@@ -256,7 +200,7 @@ class MonkeyRun:
             scoped.add(AttrPatch(p, "steps", lambda _: steps))
         with scoped:
             samples = original(*args, **kwargs)
-        state.nextjob()
+        progress.end_pass_one()
         return samples
 
     def _record(self, p: Any, batch: IPBatch, result: TwoPassResult) -> None:
@@ -270,16 +214,16 @@ class MonkeyRun:
             self.note(p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {reason}")
         elif self.settings.preview_pass1 and result.first is not None:
             outcome.first_images = samples_to_images(p, result.first)
-        schedule = ""
+        steps_text = ""
         if masks is not None:
             silent = batch.silent_layers() & session.source_layers
-            schedule = a1111_status.schedule_text(session) + a1111_status.silent_text(silent)
+            steps_text = status.schedule_text(session) + status.silent_text(silent)
         for image in range(n_images):
             self.statuses[session.image_offset + image] = (
-                a1111_status.unit_status(masks, image)
+                status.unit_status(masks, image)
                 if isinstance(masks, UnitMasks)
-                else a1111_status.status(masks, image, reason, session.recorder.token_count)
-            ) + schedule
+                else status.status(masks, image, reason, session.recorder.token_count)
+            ) + steps_text
         self.batches.append(outcome)
 
     # -- after the images -----------------------------------------------------------------------
@@ -326,28 +270,6 @@ class MonkeyRun:
 # -- host glue ----------------------------------------------------------------------------------
 
 
-def _denoiser_callback(session: MonkeySession) -> CallbackHook:
-    from modules import script_callbacks, sd_samplers_common
-
-    def on_cfg_denoiser(params) -> None:
-        if session.clock is not None:
-            sigma = params.sigma
-            session.begin_level(float(sigma.max()) if hasattr(sigma, "max") else float(sigma))
-        else:  # a sampler whose schedule could not be read: count its denoiser calls
-            denoiser = getattr(params, "denoiser", None)
-            step, total = getattr(denoiser, "step", None), getattr(denoiser, "steps", None)
-            if step is None or not total:
-                step, total = params.sampling_step, params.total_sampling_steps
-            session.begin_step(min(int(step), int(total) - 1), int(total))
-        if session.should_stop():
-            raise sd_samplers_common.InterruptedException  # ends pass 1; launch_sampling catches it
-
-    return CallbackHook(
-        lambda: script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name="monkey_step"),
-        lambda: script_callbacks.remove_callbacks_for_function(on_cfg_denoiser),
-    )
-
-
 def _pass_one_is_plain(p: Any, settings: MonkeyArgs) -> bool:
     """Pass 1, run to its end, is the plain generation: same steps, and hires (if any) kept."""
     same_steps = pass1_length(p.steps, settings.pass1_steps) == p.steps
@@ -357,53 +279,6 @@ def _pass_one_is_plain(p: Any, settings: MonkeyArgs) -> bool:
 def _pass_one_skips_hires(p: Any) -> bool:
     # with a first-pass image (the gallery's upscale button) the hires pass is all there is
     return bool(getattr(p, "enable_hr", False)) and getattr(p, "firstpass_image", None) is None
-
-
-def _cancelled() -> bool:
-    from modules import shared
-
-    return bool(shared.state.interrupted or shared.state.skipped)
-
-
-def _extend_progress(p: Any, settings: MonkeyArgs, steps: int) -> None:
-    """Count pass 1 (``steps`` long, stopped after its last recorded step) as one more job, so
-    the progress bar covers both passes."""
-    from modules import shared
-
-    state = shared.state
-    if state.job_count > 0:
-        state.job_count += 1
-    tqdm = getattr(shared.total_tqdm, "_tqdm", None)
-    if tqdm is not None and tqdm.total:
-        plan = StepPlan.for_settings(steps, settings)
-        last = plan.last_record
-        shared.total_tqdm.updateTotal(tqdm.total + (steps if last is None else last + 1))
-
-
-def reset_rng(p: Any) -> None:
-    """Rebuild ``p.rng`` with the arguments ``process_images_inner`` uses, so pass 2 draws the
-    same initial and per-step noise as pass 1 (ImageRNG is stateful)."""
-    from modules import processing, rng, shared
-
-    current = getattr(p, "rng", None)
-    inner = current if isinstance(current, rng.ImageRNG) else getattr(current, "rng", None)
-    shape = getattr(inner, "shape", None)
-    if shape is None:  # the latent shape the WebUI built it with (Forge reads it from its VAE)
-        channels = getattr(shared.sd_model, "latent_channels", processing.opt_C)
-        shape = (channels, p.height // processing.opt_f, p.width // processing.opt_f)
-    fresh = rng.ImageRNG(
-        shape,
-        p.seeds,
-        subseeds=p.subseeds,
-        subseed_strength=p.subseed_strength,
-        seed_resize_from_h=p.seed_resize_from_h,
-        seed_resize_from_w=p.seed_resize_from_w,
-    )
-    if current is not None and not isinstance(current, rng.ImageRNG) and hasattr(current, "rng"):
-        wrapper = copy.copy(current)  # e.g. ControlNet's HackedImageRNG around an ImageRNG
-        wrapper.rng = fresh
-        fresh = wrapper
-    p.rng = fresh
 
 
 # -- the Script's hooks -------------------------------------------------------------------------
@@ -418,14 +293,7 @@ def start(p: Any, script_args: tuple, backend: IPBackend) -> MonkeyRun | None:
     params = p.extra_generation_params
     for key in _our_keys():  # XYZ cells share one dict: drop what an earlier cell wrote
         params.pop(key, None)
-    error = None
-    try:
-        settings = MonkeyArgs.from_script_args(script_args, opts_defaults())
-        forced = getattr(p, XYZ_ATTR, None)
-        if forced:
-            settings = MonkeyArgs.from_dict(forced, settings)
-    except MonkeyArgsError as caught:
-        error, settings = caught, MonkeyArgs(enabled=True)
+    settings, error = settings_for(p, script_args)
     if not settings.enabled:
         return None
     run = MonkeyRun(settings, backend, error)
@@ -475,12 +343,3 @@ def unload() -> None:
     for hooks in list(LIVE_HOOKS):
         hooks.remove()
     LIVE_HOOKS.clear()
-
-
-def find_script(p: Any, title: str) -> Any:
-    """The AlwaysOn script of ``p`` with this title (case-insensitive), if it runs."""
-    runner = getattr(p, "scripts", None)
-    for script in getattr(runner, "alwayson_scripts", []) or []:
-        if script.title().lower() == title.lower():
-            return script
-    return None

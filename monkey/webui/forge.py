@@ -4,7 +4,7 @@ own ``backend/``) and reForge: its built-in IP-Adapter, driven by the integrated
 Forge rebuilds the UNet's patches on every ``p.sample``: it resets ``p.sd_model.forge_objects``
 to a shallow copy of ``forge_objects_after_applying_lora``, then runs every script's
 ``process_before_every_sampling``, where the integrated ControlNet's IP-Adapter clones the UNet
-patcher and registers its attn2 patches. So the two passes are the A1111 host's (``a1111``),
+patcher and registers its attn2 patches. So the two passes are the A1111 host's (``run``),
 and at each ``process_before_every_sampling`` of the batch (MONKEY's runs after ControlNet's:
 ``metadata.ini``) this backend clones the patched UNet again and puts a ``MonkeyAttn2`` around
 each IP-Adapter patch of the clone (``forge_attn``). Nothing cached is touched: not the patcher
@@ -15,7 +15,7 @@ batch ends the current ``forge_objects.unet`` goes back to the unwrapped one.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import layers as layer_tables
 from ..args import PER_UNIT
@@ -23,7 +23,10 @@ from ..hooks import HookSet
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
 from . import forge_attn
-from .a1111 import IPBackend, IPBatch, MonkeyRun, find_script
+from .backend import IPBackend, IPBatch, find_script
+
+if TYPE_CHECKING:
+    from .run import MonkeyRun
 
 logger = logging.getLogger("monkey")
 

@@ -23,7 +23,7 @@ from ..args import (
 )
 from ..layers import SD1, SDXL
 from ..version import __version__
-from . import a1111
+from . import options, run
 
 logger = logging.getLogger("monkey")
 
@@ -153,7 +153,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     """``Script.ui``: components in the settings model's order; no side effects beyond the script."""
     from modules.infotext_utils import PasteField
 
-    components = _components(script, a1111.opts_defaults())
+    components = _components(script, options.opts_defaults())
     script.infotext_fields = [
         PasteField(components[name], paste_reader(name), api=name) for name in names()
     ]
@@ -192,9 +192,9 @@ def on_ui_settings() -> None:
 
 def _xyz_apply(name: str) -> Callable:
     def apply(p: Any, value: Any, _values: Any) -> None:
-        forced = dict(getattr(p, a1111.XYZ_ATTR, None) or {})
+        forced = dict(getattr(p, options.XYZ_ATTR, None) or {})
         forced[name] = parse_field(name, value)
-        setattr(p, a1111.XYZ_ATTR, forced)  # a new dict: XYZ cells are shallow copies of one p
+        setattr(p, options.XYZ_ATTR, forced)  # a new dict: XYZ cells are shallow copies of one p
 
     return apply
 
@@ -268,4 +268,4 @@ def register_callbacks() -> None:
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_before_ui(add_xyz_axes)
     script_callbacks.on_app_started(on_app_started)
-    script_callbacks.on_script_unloaded(a1111.unload)
+    script_callbacks.on_script_unloaded(run.unload)

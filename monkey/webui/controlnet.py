@@ -12,6 +12,10 @@ generation (``"{2n+1}_to_k_ip"``), which is what recording reads, so pass 1 runs
 arithmetic untouched. A layer whose weight is 0 (InstantStyle weight types zero most layers,
 the paper's among them) returns ``0.0`` before projecting anything, so there recording projects
 the key itself from the adapter's ``to_kvs``, as ControlNet would; the output stays ``0.0``.
+
+As the WebUI host's IP-Adapter backend (``BACKEND``): ControlNet hooks the UNet in ``process``,
+so by the time ``p.sample`` runs these closures are in place for both passes; each batch wraps
+them and counts each UNet call's rows from the start of the denoiser call (a forward pre-hook).
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import masks
 from ..attention import split_heads
-from ..hooks import ListItemPatch
+from ..hooks import HookSet, ListItemPatch, TorchHook
+from ..rows import RowLayout
 from ..session import IPAction, MonkeySession
+from .backend import IPBackend, IPBatch, find_script
+
+if TYPE_CHECKING:
+    from .run import MonkeyRun
 
 logger = logging.getLogger("monkey")
 
@@ -217,3 +226,66 @@ def patches(
         )
         for hack in hacks
     ]
+
+
+# -- the WebUI host's backend ------------------------------------------------------------------
+
+
+class ControlNetBatch(IPBatch):
+    def __init__(self, session: MonkeySession, hooks: HookSet, hacks: list, adapters: list):
+        super().__init__(session, hooks)
+        self.hacks, self.adapters = hacks, adapters
+
+    def silent_layers(self) -> set[str]:
+        session = self.session
+        recording = self.adapters if session.per_unit else [self.adapters[session.source_unit]]
+        return set().union(*(zero_weight_layers(self.hacks, a) for a in recording))
+
+
+class ControlNetBackend(IPBackend):
+    def unavailable(self, p: Any) -> str | None:
+        if find_script(p, "controlnet") is None:
+            return (
+                "sd-webui-controlnet is not installed or not enabled; install it to use IP-Adapter"
+            )
+        return None
+
+    def open_batch(self, run: MonkeyRun, p: Any, kwargs: dict) -> IPBatch | None:
+        unet = p.sd_model.model.diffusion_model
+        hacks = find_ip_hacks(unet)
+        if not hacks:
+            run.skip(
+                p, "no active IP-Adapter unit (enable a ControlNet unit with an ip-adapter model)"
+            )
+            return None
+        adapters = units(hacks)
+        if not adapters:
+            run.skip(p, "cannot read sd-webui-controlnet's IP-Adapter hooks (unsupported version?)")
+            return None
+        source = adapters[run.source_index(len(adapters))]
+        available = sorted({hack.layer for hack in hacks if hack.adapter is source})
+        batch = getattr(kwargs.get("conditioning"), "batch", None)
+        repeats = [len(conds) for conds in batch] if batch else [1] * len(p.seeds)
+        session = run.new_session(p, available, RowLayout.webui(repeats), units=len(adapters))
+        hooks = HookSet(patches(hacks, session, adapters))
+        hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
+        return ControlNetBatch(session, hooks, hacks, adapters)
+
+    def explain(self, p: Any, reason: str) -> str:
+        if getattr(p, "sampler_name", None) == "DPM adaptive":
+            return (
+                f"{reason}; with DPM adaptive, sd-webui-controlnet switches IP-Adapter off once "
+                "the sampler's adaptive steps pass the nominal step count"
+            )
+        return reason
+
+
+def _unet_call(session: MonkeySession) -> Callable:
+    def pre_hook(_module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            session.begin_unet_call(args[0].shape[0], tuple(args[0].shape[-2:]))
+
+    return pre_hook
+
+
+BACKEND = ControlNetBackend()

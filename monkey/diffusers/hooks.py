@@ -3,7 +3,7 @@
 Every IP-Adapter attention processor is wrapped; diffusers' own processor still computes the
 attention. Recording reads the query and the IP keys the processor itself produced (forward
 hooks on ``attn.to_q`` and ``to_k_ip``). Masking computes ``IPAdapterAttnProcessor2_0``'s own
-arithmetic with the image attention times the layer's cached weights (``diffusers_masked``);
+arithmetic with the image attention times the layer's cached weights (``masked.py``);
 other IP-Adapter processors go through their ``ip_adapter_masks`` path with a mask already at
 the layer's grid, so its resampling is the identity and per-row masks reach the right rows.
 
@@ -24,7 +24,7 @@ from ..attention import split_heads
 from ..hooks import AttrPatch, HookSet, TorchHook
 from ..masks import layer_size
 from ..session import IPAction, MonkeySession
-from . import diffusers_masked
+from .masked import masked_ip_attention, supports
 
 try:  # the processor classes are only needed to recognise IP-Adapter layers
     from diffusers.models.attention_processor import (
@@ -108,12 +108,12 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         session = self.session
         action = session.ip_action() if session.active else IPAction.PLAIN
         masked = action is IPAction.MASKED and ip_adapter_masks is None
-        if masked and diffusers_masked.supports(self.inner, EXACT_PROCESSOR, encoder_hidden_states):
+        if masked and supports(self.inner, EXACT_PROCESSOR, encoder_hidden_states):
             weights = self._unit_weights(hidden_states, encoder_hidden_states[1])
         else:
             weights = None
         if weights is not None:
-            return diffusers_masked.masked_ip_attention(
+            return masked_ip_attention(
                 self.inner,
                 attn,
                 hidden_states,
