@@ -1,11 +1,12 @@
 """Random-weight SD1.5- and SDXL-shaped UNets with IP-Adapter, reached through either hook path.
 
 * ``diffusers``: IP-Adapter weights loaded by diffusers' own loader; MONKEY wraps diffusers'
-  ``IPAdapterAttnProcessor2_0`` (``monkey.hosts.diffusers``).
-* ``controlnet``: the same UNet with sd-webui-controlnet's shape of IP-Adapter: every attn2 adds
-  ``sum(f(attn, x, q) for f in attn.ipadapter_hacks)`` to its text attention, each ``f`` a
-  ``@torch.no_grad()`` closure over its adapter (``self``) and layer ``number`` that projects and
-  caches the IP keys once per generation; MONKEY wraps those entries (``monkey.hosts.controlnet``).
+  ``IPAdapterAttnProcessor2_0`` (``monkey.diffusers.hooks``).
+* ``controlnet``: the same UNet with sd-webui-controlnet's shape of IP-Adapter, the closures and
+  hacked attention of the tests' ``fake_controlnet`` (one restatement of ControlNet for both):
+  every attn2 adds ``sum(f(attn, x, q) for f in attn.ipadapter_hacks)`` to its text attention,
+  each ``f`` projecting and caching the IP keys once per generation; MONKEY wraps those entries
+  (``monkey.webui.controlnet``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from fake_controlnet import attention_with_ip_hacks, ip_hack  # noqa: E402
 from tiny import ip_adapter_state_dict  # noqa: E402
 
 TOKENS = 4
@@ -119,32 +120,24 @@ class ControlNetShapedIP(torch.nn.Module):
         self.weight = 1.0
         self.cache: dict = {}
 
-    def call_ip(self, key: str, feat: torch.Tensor) -> torch.Tensor:
+    def call_ip(self, key: str, feat: torch.Tensor, device) -> torch.Tensor:
         if key not in self.cache:
             self.cache[key] = self.to_kvs[key](feat)
         return self.cache[key]
 
-    def patch_forward(self, number: int):
-        @torch.no_grad()
-        def forward(attn_blk, x, q):
-            batch, _, inner = x.shape
-            heads = attn_blk.heads
-            mark = self.unet.cond_mark[:, :, 0, 0][:, :, None].to(q.dtype)  # [B, 1, 1]
-            emb = self.cond_emb * mark + self.uncond_emb * (1 - mark)
-            k = self.call_ip(f"{number * 2 + 1}_to_k_ip", emb)
-            v = self.call_ip(f"{number * 2 + 1}_to_v_ip", emb)
-            k, v = (t.view(batch, -1, heads, inner // heads).transpose(1, 2) for t in (k, v))
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, inner)
-            return out * self.weight
+    def weight_now(self, transformer_index: int) -> float:
+        return self.weight
 
-        return forward
+    def embedding(self) -> torch.Tensor:
+        mark = self.unet.cond_mark[:, :, 0, 0][:, :, None].to(self.cond_emb.dtype)  # [B, 1, 1]
+        return self.cond_emb * mark + self.uncond_emb * (1 - mark)
 
     def hook(self) -> None:
         self.unet.add_module("controlnet_ip", self)
         names = [n for n in self.unet.attn_processors if n.endswith("attn2.processor")]
         for number, name in enumerate(names):
             attn = self.unet.get_submodule(name.removesuffix(".processor"))
-            attn.ipadapter_hacks = [self.patch_forward(number)]
+            attn.ipadapter_hacks = [ip_hack(self, number, 0)]
             attn.set_processor(HackedAttention())
 
     def new_generation(self, cond_mark: torch.Tensor) -> None:
@@ -164,14 +157,5 @@ class HackedAttention:
         temb=None,
         **kwargs,
     ):
-        batch, n, inner = hidden_states.shape
-        heads = attn.heads
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = (
-            t.view(batch, -1, heads, inner // heads).transpose(1, 2)
-            for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
-        )
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, n, inner)
-        for f in attn.ipadapter_hacks:
-            out = out + f(attn, hidden_states, q)
+        out = attention_with_ip_hacks(attn, hidden_states, encoder_hidden_states)
         return attn.to_out[1](attn.to_out[0](out))

@@ -36,18 +36,47 @@ def style_transfer_sd1(weight: float = 1.0) -> dict[int, float]:
     return dict.fromkeys([*range(4), *range(9, 16)], weight)
 
 
-def hacked_attn_forward(self, x, context=None, **kwargs):
+def attention_with_ip_hacks(attn, x, context=None):
+    """The hacked attn2 forward before ``to_out``: text attention plus every IP hack's output."""
     b, _, inner = x.shape
-    heads = self.heads
+    heads = attn.heads
     context = x if context is None else context
     q, k, v = (
         t.view(b, -1, heads, inner // heads).transpose(1, 2)
-        for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context))
     )
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, inner)
-    for f in self.ipadapter_hacks:
-        out = out + f(self, x, q)
-    return self.to_out(out)
+    for f in attn.ipadapter_hacks:
+        out = out + f(attn, x, q)
+    return out
+
+
+def hacked_attn_forward(self, x, context=None, **kwargs):
+    return self.to_out(attention_with_ip_hacks(self, x, context))
+
+
+def ip_hack(self, number: int, transformer_index: int):
+    """``PlugableIPAdapter.patch_forward``: the closure ControlNet puts in ``ipadapter_hacks``.
+
+    ``self`` is the adapter (it says the weight now, 0 outside start/end, and the image
+    embedding for the current rows); its free variables are named as ControlNet's are, since
+    that is how MONKEY finds the adapter, layer and weight group behind an entry."""
+
+    @torch.no_grad()  # as ControlNet does: the list holds a functools.wraps wrapper
+    def forward(attn_blk, x, q):
+        b, _, inner = x.shape
+        heads = attn_blk.heads
+        weight = self.weight_now(transformer_index)
+        if weight == 0.0:
+            return 0.0  # before any projection: a skipped layer leaves no cache entry
+        emb = self.embedding()
+        k = self.call_ip(f"{number * 2 + 1}_to_k_ip", emb, q.device)
+        v = self.call_ip(f"{number * 2 + 1}_to_v_ip", emb, q.device)
+        k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2).to(q) for t in (k, v))
+        ip_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, inner)
+        return ip_out * weight
+
+    return forward
 
 
 class ImageEmbed:
@@ -112,24 +141,14 @@ class FakeIPAdapter(torch.nn.Module):
             self.cache[key] = self.ipadapter.ip_layers.to_kvs[key](feat).to(device)
         return self.cache[key]
 
-    @torch.no_grad()
-    def patch_forward(self, number: int, transformer_index: int):
-        @torch.no_grad()  # as ControlNet does: the list holds a functools.wraps wrapper
-        def forward(attn_blk, x, q):
-            b, _, inner = x.shape
-            heads = attn_blk.heads
-            weight = self.weight_on_transformer(transformer_index)
-            percent = getattr(current_model, "current_sampling_percent", 0.5)
-            if percent < self.p_start or percent > self.p_end or weight == 0.0:
-                return 0.0  # before any projection: a skipped layer leaves no cache entry
-            emb = self.image_emb.eval(current_model.cond_mark)
-            k = self.call_ip(f"{number * 2 + 1}_to_k_ip", emb, q.device)
-            v = self.call_ip(f"{number * 2 + 1}_to_v_ip", emb, q.device)
-            k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2).to(q) for t in (k, v))
-            ip_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, inner)
-            return ip_out * weight
+    def weight_now(self, transformer_index: int) -> float:
+        percent = getattr(current_model, "current_sampling_percent", 0.5)
+        if percent < self.p_start or percent > self.p_end:
+            return 0.0
+        return self.weight_on_transformer(transformer_index)
 
-        return forward
+    def embedding(self) -> torch.Tensor:
+        return self.image_emb.eval(current_model.cond_mark)
 
     def hook(self, unet: torch.nn.Module) -> None:
         global current_model
@@ -141,7 +160,7 @@ class FakeIPAdapter(torch.nn.Module):
                 module.ipadapter_hacks = []
                 module._cn_original_forward = module.forward
                 module.forward = hacked_attn_forward.__get__(module)
-            module.ipadapter_hacks.append(self.patch_forward(number, layer.transformer_index))
+            module.ipadapter_hacks.append(ip_hack(self, number, layer.transformer_index))
 
 
 def mark(conds, positive: bool) -> None:
