@@ -16,22 +16,17 @@ Everything below (UNet, attention, IP-Adapter projections) is real torch.
 from __future__ import annotations
 
 import copy
-import sys
 import types
 
 import torch
 import torch.nn.functional as F
 from fake_ldm import CONTEXT_DIM, TinyLdmUNet
 from fake_webui import (
-    SAMPLERS,
-    CFGDenoiserParams,
+    CFGDenoiser,
     FakeSDModel,
-    ImageRNG,
-    InterruptedException,
     Sampler,
     StableDiffusionProcessingImg2Img,
     StableDiffusionProcessingTxt2Img,
-    _context,
 )
 from torch import nn
 
@@ -337,24 +332,12 @@ class FakeForgeControlNetScript:
 COND, UNCOND = 0, 1
 
 
-class ForgeCFGDenoiser:
+class ForgeCFGDenoiser(CFGDenoiser):
     """``CFGDenoiser.forward`` with ``sampling_function``: the denoiser callback, then the UNet in
     chunks (uncond first; cond only at CFG scale 1; one call per chunk under low memory)."""
 
-    def __init__(self, p, sampler):
-        self.p, self.sampler = p, sampler
-        self.step, self.steps, self.total_steps = 0, None, None
-
     def __call__(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
-        state = sys.modules["modules.shared"].state
-        if state.interrupted or state.skipped:
-            raise InterruptedException
-        tensor = _context([row for rows in cond.batch for row in rows], cond.mark)
-        uncond_t = _context(uncond.rows, uncond.mark)
-        params = CFGDenoiserParams(
-            x, None, sigma, state.sampling_step, state.sampling_steps, tensor, uncond_t, self
-        )
-        sys.modules["modules.script_callbacks"].cfg_denoiser_callback(params)
+        self.on_cfg_denoiser(x, sigma, cond, uncond)
         if getattr(self.p, "forge_cfg_one", False):  # Forge's skip-early-CFG / NGMS: cfg 1
             cond_scale = 1.0
         n_sub = min(len(b) for b in cond.batch)
@@ -403,63 +386,26 @@ class ForgeSampler(Sampler):
         self.model_wrap_cfg = ForgeCFGDenoiser(p, self)
 
 
-def _reset_forge_objects(p) -> None:
-    p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+class ForgeProcessing:
+    """Forge's ``p.sample`` and hires pass: its own sampler, and ``forge_objects`` reset to the
+    LoRA'd copy before ``process_before_every_sampling`` (the hires pass calls it once more
+    before the reset, on the stale objects)."""
 
+    sampler_class = ForgeSampler
 
-class ForgeTxt2Img(StableDiffusionProcessingTxt2Img):
-    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):  # fmt: skip
-        self.sampler = ForgeSampler(self, SAMPLERS[self.sampler_name])
-        x = self.rng.next()
-        _reset_forge_objects(self)
-        self.scripts.process_before_every_sampling(
-            self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning
-        )
-        samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
-        if not self.enable_hr:
-            return samples
-        return self.sample_hr_pass(samples)
-
-    def sample_hr_pass(self, samples):
-        state = sys.modules["modules.shared"].state
-        if state.interrupted:
-            return samples
-        self.is_hr_pass = True
-        upscaled = F.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
-        self.sampler = ForgeSampler(self, SAMPLERS[self.hr_sampler_name])
-        state.nextjob()
-        self.rng = ImageRNG(upscaled.shape[1:], self.seeds, subseeds=self.subseeds)
-        noise = self.rng.next()
-        kwargs = {"x": upscaled, "noise": noise, "c": self.hr_c, "uc": self.hr_uc}
-        self.scripts.process_before_every_sampling(self, **kwargs)  # on the stale objects
-        _reset_forge_objects(self)
+    def before_every_sampling(self, hires: bool = False, **kwargs) -> None:
+        if hires:
+            self.scripts.process_before_every_sampling(self, **kwargs)  # on the stale objects
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
         self.scripts.process_before_every_sampling(self, **kwargs)
-        samples = self.sampler.sample_img2img(
-            self,
-            upscaled,
-            noise,
-            self.hr_c,
-            self.hr_uc,
-            steps=self.hr_second_pass_steps or self.steps,
-        )
-        self.is_hr_pass = False
-        return samples
 
 
-class ForgeImg2Img(StableDiffusionProcessingImg2Img):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.sampler = ForgeSampler(self, SAMPLERS[self.sampler_name])
+class ForgeTxt2Img(ForgeProcessing, StableDiffusionProcessingTxt2Img):
+    pass
 
-    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):  # fmt: skip
-        x = self.rng.next()
-        _reset_forge_objects(self)
-        self.scripts.process_before_every_sampling(
-            self, x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning
-        )
-        return self.sampler.sample_img2img(
-            self, self.init_latent, x, conditioning, unconditional_conditioning
-        )
+
+class ForgeImg2Img(ForgeProcessing, StableDiffusionProcessingImg2Img):
+    pass
 
 
 def new_forge_model(seed: int = 0) -> FakeForgeModel:

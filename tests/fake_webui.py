@@ -282,20 +282,25 @@ class CFGDenoiser:
         self.p, self.sampler = p, sampler
         self.step, self.steps, self.total_steps = 0, None, None
 
-    def __call__(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+    def on_cfg_denoiser(self, x_in, sigma_in, cond, uncond) -> CFGDenoiserParams:
+        """The interrupt check and ``on_cfg_denoiser`` callbacks that open every denoiser call."""
         state = sys.modules["modules.shared"].state
         if state.interrupted or state.skipped:
             raise InterruptedException
-        repeats = [len(b) for b in cond.batch]
-        x_in = torch.cat([torch.stack([x[i]] * n) for i, n in enumerate(repeats)] + [x])
-        sigma_in = torch.cat([torch.stack([sigma[i]] * n) for i, n in enumerate(repeats)] + [sigma])
         tensor = _context([row for rows in cond.batch for row in rows], cond.mark)
         uncond_t = _context(uncond.rows, uncond.mark)
         params = CFGDenoiserParams(
             x_in, None, sigma_in, state.sampling_step, state.sampling_steps, tensor, uncond_t, self
         )
         sys.modules["modules.script_callbacks"].cfg_denoiser_callback(params)
-        x_in = params.x
+        return params
+
+    def __call__(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+        repeats = [len(b) for b in cond.batch]
+        x_in = torch.cat([torch.stack([x[i]] * n) for i, n in enumerate(repeats)] + [x])
+        sigma_in = torch.cat([torch.stack([sigma[i]] * n) for i, n in enumerate(repeats)] + [sigma])
+        params = self.on_cfg_denoiser(x_in, sigma_in, cond, uncond)
+        x_in, tensor, uncond_t = params.x, params.text_cond, params.text_uncond
         context = torch.cat([tensor, uncond_t])
         unet = self.p.sd_model.model.diffusion_model
         t = 100.0 * sigma_in
@@ -585,6 +590,8 @@ def parse_generation_parameters(text: str) -> dict:
 
 
 class StableDiffusionProcessingTxt2Img:
+    sampler_class = Sampler
+
     def __init__(
         self,
         *,
@@ -649,11 +656,9 @@ class StableDiffusionProcessingTxt2Img:
     def sample(
         self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts
     ):
-        self.sampler = Sampler(self, SAMPLERS[self.sampler_name])
+        self.sampler = self.sampler_class(self, SAMPLERS[self.sampler_name])
         x = self.rng.next()
-        self.scripts.process_before_every_sampling(
-            self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning
-        )
+        self.before_every_sampling(x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
         if not self.enable_hr:
             return samples
@@ -665,7 +670,7 @@ class StableDiffusionProcessingTxt2Img:
             return samples
         self.is_hr_pass = True
         upscaled = F.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
-        self.sampler = Sampler(self, SAMPLERS[self.hr_sampler_name])
+        self.sampler = self.sampler_class(self, SAMPLERS[self.hr_sampler_name])
         state.nextjob()
         self.rng = ImageRNG(
             upscaled.shape[1:],
@@ -674,9 +679,7 @@ class StableDiffusionProcessingTxt2Img:
             subseed_strength=self.subseed_strength,
         )
         noise = self.rng.next()
-        self.scripts.process_before_every_sampling(
-            self, x=upscaled, noise=noise, c=self.hr_c, uc=self.hr_uc
-        )
+        self.before_every_sampling(hires=True, x=upscaled, noise=noise, c=self.hr_c, uc=self.hr_uc)
         samples = self.sampler.sample_img2img(
             self,
             upscaled,
@@ -688,20 +691,26 @@ class StableDiffusionProcessingTxt2Img:
         self.is_hr_pass = False
         return samples
 
+    def before_every_sampling(self, hires: bool = False, **kwargs) -> None:
+        """``scripts.process_before_every_sampling`` where ``sample``/``sample_hr_pass`` call it."""
+        self.scripts.process_before_every_sampling(self, **kwargs)
+
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessingTxt2Img):
     def __init__(self, *, init_latent: torch.Tensor, **kwargs):
         super().__init__(**kwargs)
         self.init_latent = init_latent
         del self.enable_hr
-        self.sampler = Sampler(self, SAMPLERS[self.sampler_name])  # p.init(): one for all batches
+        self.sampler = self.sampler_class(
+            self, SAMPLERS[self.sampler_name]
+        )  # p.init(): one for all
 
     def sample(
         self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts
     ):
         x = self.rng.next()
-        self.scripts.process_before_every_sampling(
-            self, x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning
+        self.before_every_sampling(
+            x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning
         )
         return self.sampler.sample_img2img(
             self, self.init_latent, x, conditioning, unconditional_conditioning

@@ -1,12 +1,15 @@
-"""Build and run a generation in the fake WebUI, with or without MONKEY and ControlNet."""
+"""Build and run a generation in the fake WebUI (A1111 + sd-webui-controlnet, or Forge with its
+integrated ControlNet), with or without MONKEY and an IP-Adapter unit."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
 from fake_controlnet import FakeControlNetScript
+from fake_forge import FakeForgeControlNetScript, ForgeImg2Img, ForgeTxt2Img, new_forge_model
 from fake_webui import FakeSDModel, WebUI, new_unet
 
 from monkey import args as A
@@ -39,14 +42,16 @@ def make_p(
     monkey: bool = True,
     img2img: bool = False,
     script_args: list | None = None,
+    forge: bool = False,
     **kwargs: Any,
 ):
-    """A processing object whose runner holds ControlNet (if any) then MONKEY (if installed)."""
-    model = FakeSDModel(new_unet())
+    """A processing object whose runner holds ControlNet (if any) then MONKEY (if installed), as
+    both hosts order them (Forge loads its built-in extensions first)."""
+    model = new_forge_model() if forge else FakeSDModel(new_unet())
     webui.shared.sd_model = model
     scripts = []
     if controlnet:
-        scripts.append(FakeControlNetScript(units))
+        scripts.append((FakeForgeControlNetScript if forge else FakeControlNetScript)(units))
     monkey_script = None
     if monkey:
         monkey_script = webui.script_module.MonkeyScript()
@@ -66,19 +71,34 @@ def make_p(
         script.args_to = len(args)
     runner = webui.scripts.ScriptRunner(scripts, webui.errors)
     processing = webui.processing
+    txt2img, img2img_class = (
+        (ForgeTxt2Img, ForgeImg2Img)
+        if forge
+        else (
+            processing.StableDiffusionProcessingTxt2Img,
+            processing.StableDiffusionProcessingImg2Img,
+        )
+    )
     if img2img:
         gen = torch.Generator().manual_seed(5)
         size = (kwargs.get("height", 64) // 8, kwargs.get("width", 64) // 8)
         init = torch.randn(kwargs.get("batch_size", 1), 4, *size, generator=gen)
-        p = processing.StableDiffusionProcessingImg2Img(
+        p = img2img_class(
             sd_model=model, scripts=runner, script_args=args, init_latent=init, **kwargs
         )
     else:
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=model, scripts=runner, script_args=args, **kwargs
-        )
+        p = txt2img(sd_model=model, scripts=runner, script_args=args, **kwargs)
     p.monkey_script, p.controlnet = monkey_script, (scripts[0] if controlnet else None)
     return p
+
+
+make_forge_p = functools.partial(make_p, forge=True)
+
+
+def attn2_of(unet_patcher) -> dict:
+    """Forge: the attn2 replacement patches of a UNet patcher, by key."""
+    options = unet_patcher.model_options.get("transformer_options", {})
+    return dict(options.get("patches_replace", {}).get("attn2", {}))
 
 
 def generate(webui: WebUI, p) -> Any:
