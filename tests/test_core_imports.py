@@ -21,7 +21,7 @@ def test_core_modules_import_with_host_packages_blocked():
 
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("modules", "gradio", "diffusers", "launch"):
+                if name.split(".")[0] in ("modules", "gradio", "diffusers", "transformers", "launch"):
                     raise ImportError(f"blocked: {{name}}")
 
         sys.meta_path.insert(0, Block())
