@@ -69,6 +69,11 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
             elem_id=eid(name),
         )
 
+    def radio(name: str, label: str, choices: Any) -> Any:
+        return gr.Radio(
+            list(choices), value=getattr(defaults, name), label=label, elem_id=eid(name)
+        )
+
     c: dict[str, Any] = {}
     with InputAccordion(False, label="MONKEY", elem_id=eid("enabled")) as enabled:
         c["enabled"] = enabled
@@ -92,11 +97,8 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                     label="Mask from IP-Adapter unit",
                     elem_id=eid("source_unit"),
                 )
-                c["mask_mode"] = gr.Radio(
-                    list(MASK_MODES),
-                    value=defaults.mask_mode,
-                    label="Mask mode (per_unit: one subject per unit)",
-                    elem_id=eid("mask_mode"),
+                c["mask_mode"] = radio(
+                    "mask_mode", "Mask mode (per_unit: one subject per unit)", MASK_MODES
                 )
             with gr.Row():
                 c["pass1_steps"] = slider("pass1_steps", "Pass 1 steps (fraction)")
@@ -113,12 +115,7 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                 )
                 c["dilate"] = slider("dilate", "Dilate (px)", maximum=256, step=1)
                 c["feather"] = slider("feather", "Feather (px)", maximum=256, step=1)
-                c["attention_scale"] = gr.Radio(
-                    list(ATTENTION_SCALES),
-                    value=defaults.attention_scale,
-                    label="Attention scale",
-                    elem_id=eid("attention_scale"),
-                )
+                c["attention_scale"] = radio("attention_scale", "Attention scale", ATTENTION_SCALES)
         with gr.Row():
             c["preview"] = check("preview", "Show masks")
             c["preview_pass1"] = check("preview_pass1", "Show pass 1")
