@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_diffusers_pipeline import reference
-from tiny_pipeline import SIZE, SOURCE, write_model_files
+from tiny_pipeline import SIZE, SOURCE
 
 from monkey import args as A
 from monkey.args import MonkeyArgs
@@ -24,10 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("files")
-    paths = write_model_files(folder)
-    paths["image"] = folder / "reference.png"
+def files(user_folder):
+    """The session's model files (conftest's ``user_folder``), with this module's reference."""
+    paths = {
+        "model": user_folder / "sd15",
+        "encoder": user_folder / "image_encoder",
+        "ip_adapter": user_folder / "ip-adapter_sd15.safetensors",
+        "image": user_folder / "reference.png",
+    }
     reference().save(paths["image"])
     return paths
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 from test_diffusers_pipeline import reference
-from tiny_pipeline import SIZE, SOURCE, micro_unet, tiny_pipeline, write_model_files
+from tiny_pipeline import SIZE, SOURCE, micro_unet, tiny_pipeline
 
 from monkey.args import MonkeyArgs
 from monkey.diffusers.files import SCHEDULERS
@@ -90,12 +90,9 @@ def test_pass_1_runs_wherever_the_plain_schedule_runs(pipes):
     assert checked > 0.8 * len(NAMES) * len(STEPS) * len(STRENGTHS)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_model_files(tmp_path_factory.mktemp("schedule-model"))
-
-
-def test_the_command_line_refuses_in_one_line_exactly_the_schedules_that_cannot_run(pipes, model):
+def test_the_command_line_refuses_in_one_line_exactly_the_schedules_that_cannot_run(
+    pipes, user_folder
+):
     """Before any weights load, from the model's scheduler config: no refusal where the plain
     pipeline runs, one line naming the flag and the fix where it cannot."""
     _, _, schedulers = pipes
@@ -103,7 +100,7 @@ def test_the_command_line_refuses_in_one_line_exactly_the_schedules_that_cannot_
         for strength in (None, 0.3, 1.0):
             for steps in STEPS:
                 options = argparse.Namespace(
-                    model=str(model["model"]), config=None, scheduler=name, steps=steps
+                    model=str(user_folder / "sd15"), config=None, scheduler=name, steps=steps
                 )
                 runs = plain_runs(schedulers[name], steps, strength)
                 if runs:
