@@ -250,29 +250,14 @@ def run_generate(options: argparse.Namespace) -> int:
     rows = []
     for index, image in enumerate(out.images):
         status = out.statuses[index]
-        stem = folder / f"{options.name}-{index}"
-        written.append(save_png(image, stem.with_name(f"{stem.name}.png"), info("MONKEY", status)))
-        written.append(
-            save_png(
-                out.masks[index], stem.with_name(f"{stem.name}-mask.png"), info("mask", status)
-            )
-        )
+        files = [("", image, "MONKEY", status), ("-mask", out.masks[index], "mask", status)]
         if out.first_images is not None:
-            written.append(
-                save_png(
-                    out.first_images[index],
-                    stem.with_name(f"{stem.name}-pass1.png"),
-                    info("MONKEY pass 1", status),
-                )
-            )
+            files.append(("-pass1", out.first_images[index], "MONKEY pass 1", status))
         if plain is not None:
-            written.append(
-                save_png(
-                    plain[index],
-                    stem.with_name(f"{stem.name}-plain.png"),
-                    info("plain IP-Adapter"),
-                )
-            )
+            files.append(("-plain", plain[index], "plain IP-Adapter", None))
+        for suffix, picture, kind, text in files:
+            path = folder / f"{options.name}-{index}{suffix}.png"
+            written.append(save_png(picture, path, info(kind, text)))
         rows.append([references[0], plain[index] if plain else None, image, out.masks[index]])
     grid = sheet(rows, out.images[0].size)
     written.append(save_png(grid, folder / f"{options.name}-sheet.png", info("sheet")))

@@ -252,22 +252,22 @@ def run_evaluate(options: argparse.Namespace) -> int:
     rows = read_scores(scores_path)
     (out / "summary.md").write_text(summary(rows, methods), encoding="utf-8")
     plot_scores(rows, methods).save(out / "scatter.png")
+    report(out, rows, methods)
+    return 0
+
+
+def report(out: Path, rows: list[dict[str, str]], methods: list[str]) -> None:
+    """Where the run wrote, and one line per method: images scored and the mean scores."""
     sys.stdout.write(
-        f"wrote {scores_path} ({len(rows)} images), {out / 'summary.md'}, "
+        f"wrote {out / 'scores.csv'} ({len(rows)} images), {out / 'summary.md'}, "
         f"{out / 'scatter.png'}, {out / 'images'}\n"
     )
+    labels = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
     for method in methods:
         stats = means(rows, method)
         if stats:
-            sys.stdout.write(
-                f"{method}: {stats['clip_t'][2]} images, "
-                + ", ".join(
-                    f"{label} {stats[key][0]:.4f}"
-                    for key, label in (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))
-                )
-                + "\n"
-            )
-    return 0
+            scores = ", ".join(f"{labels[m]} {stats[m][0]:.4f}" for m in labels)
+            sys.stdout.write(f"{method}: {stats['clip_t'][2]} images, {scores}\n")
 
 
 def _generate(pipe, monkey_generate, settings, method, kwargs, options, progress):
