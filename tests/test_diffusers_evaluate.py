@@ -240,6 +240,10 @@ def raw_rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def monkey_file(rows: list[dict[str, str]]) -> str:
+    return next(r["file"] for r in rows if r["method"] == "monkey")
+
+
 def test_evaluate_runs_never_lose_or_mix_results(files, tmp_path, capsys):
     out = tmp_path / "eval"
     quick = ("--steps", "4", "--prompts", "1", "--methods", "ip_0.5")
@@ -276,6 +280,13 @@ def test_evaluate_runs_never_lose_or_mix_results(files, tmp_path, capsys):
     assert len(record["prompts"]) == 2 and set(record["methods"]) == {"ip_0.5", "monkey"}
     summary = (out / "summary.md").read_text()
     assert "| ip_0.5 | 4 |" in summary and "| monkey | 4 |" in summary
+    # every image and mask says what was run
+    with Image.open(out / monkey_file(rows)) as image:
+        text = dict(image.text)
+    assert text["Image"] == "monkey" and text["IP-Adapter scale"] == "1.0"
+    assert text["Steps"] == "4" and text["Size"] == f"{SIZE}x{SIZE}" and text["CFG scale"] == "7.5"
+    with Image.open(out / monkey_file(rows).replace(".png", "-mask.png")) as mask:
+        assert mask.text["MONKEY status"].startswith("masked")
 
     # a lost image and a lost mask are made again, each keeping one row
     monkey_row = next(r for r in rows if r["method"] == "monkey")

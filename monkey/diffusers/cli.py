@@ -29,10 +29,10 @@ from .options import (
     check_model_files,
     check_sampling,
     check_schedule,
-    dtype_for,
     open_pipeline,
     quiet,
     resolve_device,
+    run_params,
     settings_from,
 )
 
@@ -266,53 +266,6 @@ def run_generate(options: argparse.Namespace) -> int:
     for index, text in enumerate(out.statuses):
         logger.info("image %d: %s", index, text)
     return 0
-
-
-def run_params(
-    options: argparse.Namespace,
-    settings: MonkeyArgs,
-    pipe: Any = None,
-    size: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Every setting of the run, in the WebUI's infotext keys where it has one: what was run
-    (the pipeline's guidance, the scheduler class, the image size), not what was asked."""
-    from ..version import __version__
-
-    guidance = options.guidance
-    if guidance is None and pipe is not None:
-        guidance = getattr(pipe, "guidance_scale", None)
-    scheduler = options.scheduler
-    if pipe is not None:
-        scheduler = f"{options.scheduler} ({type(pipe.scheduler).__name__})"
-    if size is not None:
-        shown = f"{size[0]}x{size[1]}"
-    else:
-        shown = f"{options.width or 'default'}x{options.height or 'default'}"
-    params: dict[str, Any] = {
-        "Steps": options.steps,
-        "Seed": options.seed,
-        "Size": shown,
-        "CFG scale": guidance if guidance is not None else "default",
-        "Scheduler": scheduler,
-        "Model": Path(options.model).name,
-        "IP-Adapter": " + ".join(Path(path).name for path in options.ip_adapter),
-        "IP-Adapter scale": getattr(options, "ip_scale", 1.0),
-        "Device": options.device,
-        "Dtype": dtype_for(options),
-    }
-    if options.negative_prompt:
-        params["Negative prompt"] = options.negative_prompt
-    if getattr(options, "init_image", None):
-        params["Denoising strength"] = options.strength
-        params["Init image"] = Path(options.init_image).name
-        params["Size from"] = (
-            "--width/--height (init image resized)"
-            if options.width or options.height
-            else "the init image"
-        )
-    params.update(settings.to_infotext())
-    params[A.VERSION_LABEL] = __version__
-    return params
 
 
 def main(argv: Sequence[str] | None = None) -> int:

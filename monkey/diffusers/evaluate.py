@@ -33,6 +33,7 @@ from .options import (
     check_schedule,
     open_pipeline,
     resolve_device,
+    run_params,
     settings_from,
 )
 from .runs import (
@@ -176,6 +177,7 @@ def check_evaluate(options: argparse.Namespace) -> Any:
 def run_evaluate(options: argparse.Namespace) -> int:
     from .pipeline import monkey_generate
     from .scores import Scorer
+    from .sheet import save_png
 
     settings = check_evaluate(options)
     subjects = find_subjects(Path(options.subjects).expanduser(), options.object)
@@ -220,9 +222,11 @@ def run_evaluate(options: argparse.Namespace) -> int:
                         folder = Path("images") / subject.name / subject.image.stem
                         name = f"{index:02d}-{method}.png"
                         (out / folder).mkdir(parents=True, exist_ok=True)
-                        image.save(out / folder / name)
+                        info = png_text(options, settings, pipe, prompt, method, status, image)
+                        save_png(image, out / folder / name, info)
                         if mask is not None:
-                            mask.save(out / folder / f"{index:02d}-{method}-mask.png")
+                            mask_name = f"{index:02d}-{method}-mask.png"
+                            save_png(mask, out / folder / mask_name, info)
                         scores = scorer(prompt, reference, image)
                         writer.writerow(
                             {
@@ -268,6 +272,16 @@ def report(out: Path, rows: list[dict[str, str]], methods: list[str]) -> None:
         if stats:
             scores = ", ".join(f"{labels[m]} {stats[m][0]:.4f}" for m in labels)
             sys.stdout.write(f"{method}: {stats['clip_t'][2]} images, {scores}\n")
+
+
+def png_text(options, settings, pipe, prompt, method, status, image) -> Any:
+    """An evaluation image's PNG text: every setting as run, its method and status."""
+    from ..args import STATUS_LABEL
+    from .sheet import png_info
+
+    params = run_params(options, settings, pipe, image.size)
+    params["IP-Adapter scale"] = METHODS[method]
+    return png_info(prompt, {**params, "Image": method, STATUS_LABEL: status})
 
 
 def _generate(pipe, monkey_generate, settings, method, kwargs, options, progress):
