@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .attention import SCALES as ATTENTION_SCALES
+ATTENTION_SCALES = ("reference", "sdpa")
+"""How the recorded attention map is scaled (``monkey.attention``); here so that reading settings,
+``python -m monkey --help`` and its argument errors need no torch."""
 
 AUTO = "auto"
 DEFAULT = "default"

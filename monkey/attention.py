@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .args import ATTENTION_SCALES
+
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, L, heads*d]`` -> ``[B, heads, L, d]``."""
@@ -19,7 +21,7 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, length, heads, channels // heads).transpose(1, 2)
 
 
-SCALES = ("reference", "sdpa")
+SCALES = ATTENTION_SCALES
 
 
 def logit_scale(name: str, head_dim: int) -> float:

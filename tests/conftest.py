@@ -24,6 +24,57 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def user_folder(tmp_path_factory):
+    """One folder as a diffusers user has it, for the command line's tests (README: Mistakes and
+    what the command says): a tiny SD1.5-layout model ``sd15``, ``ip-adapter_sd15.safetensors``,
+    ``image_encoder``, images, evaluation folders, and one file or folder per mistake."""
+    from tiny_pipeline import write_model_files
+
+    return write_user_folder(tmp_path_factory.mktemp("user"), write_model_files)
+
+
+def write_user_folder(folder, write_model_files):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from tiny import ip_adapter_state_dict, tiny_unet
+    from tiny_pipeline import vision_config
+    from transformers import CLIPVisionModelWithProjection
+
+    built = write_model_files(folder / "build")
+    built["model"].rename(folder / "sd15")
+    built["encoder"].rename(folder / "image_encoder")
+    built["ip_adapter"].rename(folder / "ip-adapter_sd15.safetensors")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "dog.png")
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(folder / "room.png")
+    (folder / "dreambooth" / "dog").mkdir(parents=True)
+    Image.open(folder / "dog.png").save(folder / "dreambooth" / "dog" / "00.png")
+    # the mistakes: an adapter of another base (as the official .bin), a safetensors that is no
+    # adapter, a .bin that is no PyTorch file, an encoder of another width, a text file as image
+    torch.save(ip_adapter_state_dict(tiny_unet(cross_dim=48)), folder / "ip-adapter_sdxl.bin")
+    save_file({"encoder.conv_in.weight": torch.zeros(2)}, str(folder / "vae.safetensors"))
+    (folder / "ip-adapter_partial.bin").write_bytes(b"\0" * 64)
+    CLIPVisionModelWithProjection(vision_config(projection=40)).save_pretrained(
+        folder / "image_encoder_bigG"
+    )
+    (folder / "notes.png").write_text("not an image", encoding="utf-8")
+    # scorers are checked by their configs before anything loads
+    (folder / "clip-vit-base-patch32").mkdir()
+    (folder / "clip-vit-base-patch32" / "config.json").write_text(
+        json.dumps({"model_type": "clip"})
+    )
+    (folder / "clip-vit-base-patch32" / "processor_config.json").write_text("{}")
+    (folder / "dino-vits16").mkdir()
+    (folder / "dino-vits16" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (folder / "earlier").mkdir()
+    Image.open(folder / "dog.png").save(folder / "earlier" / "monkey-0.png")
+    return folder
+
+
 # -- the WebUI fixture ----------------------------------------------------------------------------
 
 import importlib.util  # noqa: E402

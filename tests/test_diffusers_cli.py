@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_diffusers_pipeline import reference
-from tiny_pipeline import SIZE, SOURCE, write_model_files
+from tiny_pipeline import SIZE, SOURCE
 
 from monkey import args as A
 from monkey.args import MonkeyArgs
@@ -24,10 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("files")
-    paths = write_model_files(folder)
-    paths["image"] = folder / "reference.png"
+def files(user_folder):
+    """The session's model files (conftest's ``user_folder``), with this module's reference."""
+    paths = {
+        "model": user_folder / "sd15",
+        "encoder": user_folder / "image_encoder",
+        "ip_adapter": user_folder / "ip-adapter_sd15.safetensors",
+        "image": user_folder / "reference.png",
+    }
     reference().save(paths["image"])
     return paths
 
@@ -147,3 +151,99 @@ def test_python_dash_m_monkey_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "--record-steps" in result.stdout and "--image-encoder" in result.stdout
+
+
+def written_names(capsys) -> set[str]:
+    return {Path(line).name for line in capsys.readouterr().out.split()}
+
+
+def test_an_out_holding_a_run_is_refused_and_overwrite_replaces_that_run(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(argv(files, out, "--images", "2", "--steps", "4")) == 0
+    first = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(files, out, "--steps", "4"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "--out" in error and "'monkey'" in error and "--overwrite" in error
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "notes.txt"} == first
+    # --overwrite: the earlier run's files go (monkey-1-* too), other files stay
+    assert main(argv(files, out, "--steps", "4", "--overwrite")) == 0
+    names = written_names(capsys)
+    assert {p.name for p in out.iterdir()} == names | {"notes.txt"}
+    assert not any(name.startswith("monkey-1") for name in names)
+    # another --name writes beside it
+    assert main(argv(files, out, "--steps", "4", "--name", "other", "--no-plain")) == 0
+    assert {p.name for p in out.iterdir()} >= names | written_names(capsys)
+
+
+def test_every_png_carries_what_was_run(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(argv(files, out, "--steps", "4", "--scheduler", "ddim")) == 0
+    kinds = {}
+    for path in sorted(out.iterdir()):
+        with Image.open(path) as image:
+            text = dict(image.text)
+        assert text["parameters"].startswith("a dog on the beach\n"), path.name
+        assert text["CFG scale"] == "7.5"  # the pipeline's default, as run
+        assert text["Size"] == f"{SIZE}x{SIZE}" and text["Steps"] == "4"
+        assert text["Scheduler"] == "ddim (DDIMScheduler)"
+        assert MonkeyArgs.from_infotext(text).layers == (SOURCE,)
+        kinds[path.name] = text["Image"]
+    assert kinds == {
+        "monkey-0.png": "MONKEY",
+        "monkey-0-mask.png": "mask",
+        "monkey-0-pass1.png": "MONKEY pass 1",
+        "monkey-0-plain.png": "plain IP-Adapter",
+        "monkey-sheet.png": "sheet",
+    }
+
+
+def without_size(arguments: list[str]) -> list[str]:
+    out = list(arguments)
+    for flag in ("--width", "--height"):
+        index = out.index(flag)
+        del out[index : index + 2]
+    return out
+
+
+def test_img2img_takes_the_init_images_size_or_resizes_it(files, tmp_path, capsys):
+    init = tmp_path / "room.png"
+    Image.new("RGB", (96, 64), "gray").save(init)
+    extra = ("--init-image", str(init), "--strength", "0.5", "--steps", "4", "--no-plain")
+    out = tmp_path / "own"
+    assert main(without_size(argv(files, out, *extra))) == 0
+    with Image.open(out / "monkey-0.png") as image:
+        assert image.size == (96, 64)
+        assert image.text["Size"] == "96x64" and image.text["Size from"] == "the init image"
+        assert image.text["Denoising strength"] == "0.5" and image.text["Init image"] == "room.png"
+    out = tmp_path / "resized"
+    assert main(argv(files, out, *extra)) == 0  # --width/--height 64
+    with Image.open(out / "monkey-0.png") as image:
+        assert image.size == (SIZE, SIZE) and image.text["Size"] == f"{SIZE}x{SIZE}"
+        assert image.text["Size from"].startswith("--width/--height")
+
+
+def test_ctrl_c_ends_in_one_line_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    from monkey.diffusers import pipeline
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "monkey_generate", interrupted)
+    assert exit_code(argv(files, tmp_path / "out", "--steps", "2")) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m monkey generate: interrupted; nothing was written"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def exit_code(arguments: list[str]) -> int:
+    """``main``'s exit code; a KeyboardInterrupt escaping it fails the test (not the session)."""
+    try:
+        return main(arguments)
+    except SystemExit as exit_info:
+        return exit_info.code
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command as a traceback")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_diffusers_cli import exit_code
 from test_diffusers_pipeline import reference
 from tiny_pipeline import SIZE, SOURCE, text_config, tokenizer, write_model_files
 from transformers import (
@@ -232,3 +233,93 @@ def test_evaluate_fails_clearly_on_bad_paths(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv(dict(files, dino=tmp_path / "no-dino"), tmp_path / "out"))
     assert "--dino not found" in capsys.readouterr().err
+
+
+def raw_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "scores.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def monkey_file(rows: list[dict[str, str]]) -> str:
+    return next(r["file"] for r in rows if r["method"] == "monkey")
+
+
+def test_evaluate_runs_never_lose_or_mix_results(files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    quick = ("--steps", "4", "--prompts", "1", "--methods", "ip_0.5")
+    # a run that fails at start-up does not lock its --out
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(files, out, *quick, "--layers", "nonsense"))
+    assert exit_info.value.code == 2
+    assert not (out / "settings.json").exists()
+    assert main(argv(files, out, *quick)) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"wrote {out / 'scores.csv'} (2 images)")
+    assert printed[1].startswith("ip_0.5: 2 images, CLIP-T ") and len(printed) == 2
+    first = {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in raw_rows(out)}
+
+    # a mismatching run is refused, naming each option that differs and both values
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(files, out, *quick, "--threshold", "0.3", "--seed", "7"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--seed 123 there, 7 now" in error and "--threshold 0.5 there, 0.3 now" in error
+
+    # the same model by another path is the same run: nothing is generated again
+    other = dict(files, model=Path(str(files["model"]) + "/../" + files["model"].name))
+    assert main(argv(other, out, *quick)) == 0
+    assert {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in raw_rows(out)} == first
+
+    # more prompts and methods extend the run; what exists is not generated again
+    extended = ("--steps", "4", "--prompts", "2", "--methods", "ip_0.5", "monkey")
+    assert main(argv(files, out, *extended)) == 0
+    rows = raw_rows(out)
+    assert len(rows) == len(SUBJECTS) * 2 * 2
+    assert all((out / f).stat().st_mtime_ns == t for f, t in first.items())
+    record = json.loads((out / "settings.json").read_text())
+    assert len(record["prompts"]) == 2 and set(record["methods"]) == {"ip_0.5", "monkey"}
+    summary = (out / "summary.md").read_text()
+    assert "| ip_0.5 | 4 |" in summary and "| monkey | 4 |" in summary
+    # every image and mask says what was run
+    with Image.open(out / monkey_file(rows)) as image:
+        text = dict(image.text)
+    assert text["Image"] == "monkey" and text["IP-Adapter scale"] == "1.0"
+    assert text["Steps"] == "4" and text["Size"] == f"{SIZE}x{SIZE}" and text["CFG scale"] == "7.5"
+    with Image.open(out / monkey_file(rows).replace(".png", "-mask.png")) as mask:
+        assert mask.text["MONKEY status"].startswith("masked")
+
+    # a lost image and a lost mask are made again, each keeping one row
+    monkey_row = next(r for r in rows if r["method"] == "monkey")
+    mask = out / monkey_row["file"].replace(".png", "-mask.png")
+    mask.unlink()
+    (out / rows[0]["file"]).unlink()
+    capsys.readouterr()
+    assert main(argv(files, out, "--steps", "4", "--prompts", "1")) == 0  # all three methods
+    after = raw_rows(out)
+    keys = [(r["subject"], r["prompt_index"], r["method"]) for r in after]
+    assert len(keys) == len(set(keys)) == len(SUBJECTS) * (2 * 2 + 1)
+    assert mask.exists() and (out / rows[0]["file"]).exists()
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 3  # where it wrote, one per method
+
+
+def test_ctrl_c_in_evaluate_keeps_what_was_scored(files, tmp_path, capsys, monkeypatch):
+    from monkey.diffusers.scores import Scorer
+
+    score = Scorer.__call__
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score(self, *args)
+
+    monkeypatch.setattr(Scorer, "__call__", interrupted)
+    out = tmp_path / "eval"
+    code = exit_code(argv(files, out, "--steps", "2", "--prompts", "1", "--methods", "ip_0.5"))
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m monkey evaluate: interrupted; 1 scored image kept in {out / 'scores.csv'}; "
+        "run the same command to resume"
+    )
+    assert len(raw_rows(out)) == 1 and (out / "settings.json").exists()

@@ -13,14 +13,16 @@ CLIP_DIM = 24
 TOKENS = 4
 
 
-def tiny_unet(cross_dim: int = 32) -> UNet2DConditionModel:
+def tiny_unet(
+    cross_dim: int = 32, block_out_channels: tuple[int, int] = (32, 64)
+) -> UNet2DConditionModel:
     """Two resolutions with cross-attention at both: 7 attn2 layers at latent/1 and latent/2."""
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_dim,

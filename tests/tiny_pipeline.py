@@ -109,7 +109,13 @@ def write_ip_adapter(unet, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def plain_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
+def micro_unet():
+    """The smallest UNet with IP-Adapter layers at two resolutions (8 and 16 channels): for tests
+    that run the pipeline hundreds of times and care about schedules, not pixels."""
+    return tiny_unet(block_out_channels=(8, 16))
+
+
+def plain_pipeline(folder: Path, seed: int = 0, unet=None) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with an image encoder and no IP-Adapter yet."""
     torch.manual_seed(seed)
     tok = tokenizer(folder / "tokenizer")
@@ -117,7 +123,7 @@ def plain_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
         vae=tiny_vae(),
         text_encoder=CLIPTextModel(text_config(len(tok))),
         tokenizer=tok,
-        unet=tiny_unet(),
+        unet=unet if unet is not None else tiny_unet(),
         scheduler=EulerDiscreteScheduler(steps_offset=1),
         safety_checker=None,
         feature_extractor=CLIPImageProcessor(
@@ -131,9 +137,11 @@ def plain_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def tiny_pipeline(folder: Path, adapters: int = 1, seed: int = 0) -> StableDiffusionPipeline:
+def tiny_pipeline(
+    folder: Path, adapters: int = 1, seed: int = 0, unet=None
+) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with ``adapters`` IP-Adapters loaded by ``load_ip_adapter``."""
-    pipe = plain_pipeline(folder, seed)
+    pipe = plain_pipeline(folder, seed, unet)
     names = [f"ip-{index}.safetensors" for index in range(adapters)]
     for index, name in enumerate(names):
         write_ip_adapter(pipe.unet, folder / name, seed=seed + index)

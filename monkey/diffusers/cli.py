@@ -1,30 +1,38 @@
 """``python -m monkey generate`` and ``python -m monkey evaluate``.
 
 MONKEY's settings become flags straight from the settings model (``--threshold 0.4``,
-``--record-steps all`` ...), with the model's own parsers, ranges and help.
+``--record-steps all`` ...), with the model's own parsers, ranges and help. Every mistake the
+command can see is said in one line with exit code 2, before any model loads where it can be
+(``options.py``, ``checks.py``); torch and diffusers are imported only once the arguments hold.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .. import args as A
 from ..args import MonkeyArgs, MonkeyArgsError
 from .evaluate import add_evaluate_arguments
+from .files import DTYPES, SCHEDULERS
 from .options import (
     WEBUI_ONLY,
     MonkeyCliError,
+    OneLineParser,
     Progress,
     call_kwargs,
-    dtype_for,
+    check_model_files,
+    check_sampling,
+    check_schedule,
     open_pipeline,
+    quiet,
+    resolve_device,
+    run_params,
     settings_from,
 )
 
@@ -67,9 +75,19 @@ def add_model(parser: argparse.ArgumentParser) -> None:
         "unless --source-unit says otherwise",
     )
     group.add_argument("--image-encoder", required=True, help="CLIP image encoder folder")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    group.add_argument("--scheduler", default="default", help="default, euler, euler_a, ddim, ...")
+    group.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if torch has it)"
+    )
+    group.add_argument("--dtype", default=None, choices=DTYPES)
+    group.add_argument(
+        "--scheduler",
+        default="default",
+        choices=list(SCHEDULERS),
+        help="default: the model's own",
+    )
+    group.add_argument(
+        "--verbose", action="store_true", help="show the libraries' warnings and tracebacks"
+    )
 
 
 def add_sampling(parser: argparse.ArgumentParser, steps: int, size: int | None) -> None:
@@ -83,9 +101,7 @@ def add_sampling(parser: argparse.ArgumentParser, steps: int, size: int | None) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m monkey", description="MONKEY for diffusers pipelines."
-    )
+    parser = OneLineParser(prog="python -m monkey", description="MONKEY for diffusers pipelines.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
@@ -100,10 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--images", type=int, default=1, help="images per prompt")
     gen.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale")
-    gen.add_argument("--init-image", help="img2img: the image to start from")
-    gen.add_argument("--strength", type=float, default=0.75, help="img2img strength")
+    gen.add_argument(
+        "--init-image",
+        help="img2img: the image to start from; the output has its size, or --width/--height "
+        "when given (the init image is resized to them)",
+    )
+    gen.add_argument("--strength", type=float, default=0.75, help="img2img strength, (0, 1]")
     gen.add_argument("--out", default="outputs/monkey", help="output folder")
     gen.add_argument("--name", default="monkey", help="file name prefix")
+    gen.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same --name in --out (refused otherwise)",
+    )
     gen.add_argument("--no-plain", action="store_true", help="skip the plain IP-Adapter image")
     add_sampling(gen, steps=30, size=None)
     add_settings(gen)
@@ -123,24 +148,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_generate(options: argparse.Namespace) -> int:
+OUTPUT = r"-(?:\d+(?:-mask|-pass1|-plain)?|sheet)\.png"
+"""What ``generate`` writes after ``--name``: ``-<i>.png``, ``-<i>-mask.png`` ... ``-sheet.png``."""
+
+
+def earlier_outputs(folder: Path, name: str) -> list[Path]:
+    """Files of an earlier ``generate --name name`` run in ``folder``."""
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(re.escape(name) + OUTPUT)
+    return sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name))
+
+
+def check_generate(options: argparse.Namespace) -> tuple[MonkeyArgs, list, Any]:
+    """Everything ``generate`` can check before loading a model; its MONKEY settings, reference
+    images and init image (None for txt2img)."""
     from .files import open_image
+
+    settings = settings_from(options)
+    check_sampling(options)
+    if options.images < 1:
+        raise MonkeyCliError(f"--images: at least 1, got {options.images}")
+    if options.ip_scale < 0:
+        raise MonkeyCliError(f"--ip-scale: 0 or more, got {options.ip_scale}")
+    if options.init_image and not 0 < options.strength <= 1:
+        raise MonkeyCliError(f"--strength: more than 0 and at most 1, got {options.strength}")
+    if len(options.image) != len(options.ip_adapter):
+        raise MonkeyCliError(
+            f"--image: one reference image per --ip-adapter ({len(options.ip_adapter)}), "
+            f"got {len(options.image)}"
+        )
+    references = [open_image(path, "--image") for path in options.image]
+    init = init_image(options) if options.init_image else None
+    earlier = earlier_outputs(Path(options.out), options.name)
+    if earlier and not options.overwrite:
+        shown = ", ".join(path.name for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise MonkeyCliError(
+            f"--out {options.out} already holds a run named {options.name!r} ({shown}): "
+            "pass --overwrite to replace it, or another --out or --name"
+        )
+    check_model_files(options)
+    check_schedule(options, options.strength if options.init_image else None)
+    return settings, references, init
+
+
+def init_image(options: argparse.Namespace) -> Any:
+    """img2img's start image: at its own size, or resized to ``--width``/``--height``."""
+    from PIL import Image
+
+    from .files import open_image
+
+    image = open_image(options.init_image, "--init-image")
+    if options.width or options.height:
+        width = options.width or round(image.width * options.height / image.height / 8) * 8
+        height = options.height or round(image.height * options.width / image.width / 8) * 8
+        image = image.resize((max(width, 8), max(height, 8)), Image.LANCZOS)
+    return image
+
+
+def run_generate(options: argparse.Namespace) -> int:
+    settings, references, init = check_generate(options)
+    import torch
+
     from .pipeline import monkey_generate
     from .sheet import png_info, save_png, sheet
 
-    settings = settings_from(options)
-    references = [open_image(path, "--image") for path in options.image]
-    if len(references) != len(options.ip_adapter):
-        raise MonkeyCliError(
-            f"--image: one reference image per --ip-adapter ({len(options.ip_adapter)}), "
-            f"got {len(references)}"
-        )
-    init = open_image(options.init_image, "--init-image") if options.init_image else None
+    resolve_device(options)
     pipe = open_pipeline(options, img2img=init is not None)
     pipe.set_ip_adapter_scale([options.ip_scale] * len(references))
     kwargs = call_kwargs(options, options.prompt, references)
     kwargs["num_images_per_prompt"] = options.images
-    if init is not None:
+    if init is not None:  # img2img pipelines take their size from the image
+        kwargs.pop("width", None)
+        kwargs.pop("height", None)
         kwargs.update(image=init, strength=options.strength)
 
     def generator() -> torch.Generator:
@@ -157,24 +237,30 @@ def run_generate(options: argparse.Namespace) -> int:
     finally:
         progress.close()
 
-    params = run_params(options, settings)
+    params = run_params(options, settings, pipe, out.images[0].size)
     folder = Path(options.out)
+    for path in earlier_outputs(folder, options.name):  # only with --overwrite (checked)
+        path.unlink()
+
+    def info(image: str, status: str | None = None) -> Any:
+        extra = {"Image": image} | ({A.STATUS_LABEL: status} if status else {})
+        return png_info(options.prompt, {**params, **extra})
+
     written = []
     rows = []
     for index, image in enumerate(out.images):
-        info = png_info(options.prompt, {**params, A.STATUS_LABEL: out.statuses[index]})
-        stem = f"{options.name}-{index}"
-        written.append(save_png(image, folder / f"{stem}.png", info))
-        written.append(save_png(out.masks[index], folder / f"{stem}-mask.png"))
+        status = out.statuses[index]
+        files = [("", image, "MONKEY", status), ("-mask", out.masks[index], "mask", status)]
         if out.first_images is not None:
-            written.append(save_png(out.first_images[index], folder / f"{stem}-pass1.png"))
+            files.append(("-pass1", out.first_images[index], "MONKEY pass 1", status))
         if plain is not None:
-            written.append(save_png(plain[index], folder / f"{stem}-plain.png"))
+            files.append(("-plain", plain[index], "plain IP-Adapter", None))
+        for suffix, picture, kind, text in files:
+            path = folder / f"{options.name}-{index}{suffix}.png"
+            written.append(save_png(picture, path, info(kind, text)))
         rows.append([references[0], plain[index] if plain else None, image, out.masks[index]])
     grid = sheet(rows, out.images[0].size)
-    written.append(
-        save_png(grid, folder / f"{options.name}-sheet.png", png_info(options.prompt, params))
-    )
+    written.append(save_png(grid, folder / f"{options.name}-sheet.png", info("sheet")))
     for path in written:
         sys.stdout.write(f"{path}\n")
     for index, text in enumerate(out.statuses):
@@ -182,39 +268,24 @@ def run_generate(options: argparse.Namespace) -> int:
     return 0
 
 
-def run_params(options: argparse.Namespace, settings: MonkeyArgs) -> dict[str, Any]:
-    """Every setting of the run, in the WebUI's infotext keys where it has one."""
-    from ..version import __version__
-
-    params: dict[str, Any] = {
-        "Steps": options.steps,
-        "Seed": options.seed,
-        "Size": f"{options.width or 'default'}x{options.height or 'default'}",
-        "CFG scale": options.guidance if options.guidance is not None else "default",
-        "Scheduler": options.scheduler,
-        "Model": Path(options.model).name,
-        "IP-Adapter": " + ".join(Path(path).name for path in options.ip_adapter),
-        "IP-Adapter scale": getattr(options, "ip_scale", 1.0),
-        "Device": options.device,
-        "Dtype": dtype_for(options),
-    }
-    if options.negative_prompt:
-        params["Negative prompt"] = options.negative_prompt
-    if getattr(options, "init_image", None):
-        params["Denoising strength"] = options.strength
-    params.update(settings.to_infotext())
-    params[A.VERSION_LABEL] = __version__
-    return params
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a mistake ends in one line and exit code 2, Ctrl-C in one line and 130."""
     parser = build_parser()
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .files import MissingFileError
 
-    try:
-        return options.run(options)
-    except (MissingFileError, MonkeyArgsError, MonkeyCliError) as error:
-        parser.exit(2, f"{parser.prog} {options.command}: error: {error}\n")
+    prefix = f"{parser.prog} {options.command}"
+    with quiet(not options.verbose):
+        try:
+            return options.run(options)
+        except (MissingFileError, MonkeyArgsError, MonkeyCliError) as error:
+            if options.verbose:
+                raise
+            parser.exit(2, f"{prefix}: error: {error}\n")
+        except KeyboardInterrupt:
+            kept: Callable[[], str] | None = getattr(options, "kept", None)
+            parser.exit(
+                130, f"{prefix}: interrupted; {kept() if kept else 'nothing was written'}\n"
+            )
     return 1  # pragma: no cover - parser.exit raises

@@ -5,26 +5,48 @@ and DINO.
 Writes, under ``--out``: ``images/`` (every generated image, MONKEY's masks), ``scores.csv``
 (one row per generated image, appended as it is scored), ``summary.md`` (each method's means),
 ``scatter.png`` (CLIP-T vs CLIP-I, each method's mean marked) and ``settings.json`` (every
-setting of the run and the library versions). A rerun skips the images already scored, and
-refuses to mix runs whose settings differ.
+setting of the run and the library versions, written once the models have loaded and the first
+image is scored, so a run that fails at start-up leaves its ``--out`` free). A rerun skips the
+images already scored (and their masks), may add prompts and methods, and refuses, naming the
+options, to mix runs whose settings differ; a model named by another path is the same model.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 import statistics
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .files import need, open_image
-from .options import MonkeyCliError, Progress, call_kwargs, open_pipeline, settings_from
+from .options import (
+    MonkeyCliError,
+    Progress,
+    call_kwargs,
+    check_model_files,
+    check_sampling,
+    check_schedule,
+    open_pipeline,
+    resolve_device,
+    run_params,
+    settings_from,
+)
+from .runs import (
+    COLUMNS,
+    check_record,
+    kept_rows,
+    key,
+    read_rows,
+    read_scores,
+    rewrite_scores,
+    run_record,
+    write_record,
+)
 
 LOCATION_PROMPTS = (
     " in the jungle",
@@ -53,20 +75,6 @@ LOCATION_PROMPTS = (
 METHODS = {"monkey": 1.0, "ip_1.0": 1.0, "ip_0.5": 0.5}
 """Method -> IP-Adapter scale; ``monkey`` is MONKEY at that scale, the others plain IP-Adapter."""
 
-COLUMNS = (
-    "subject",
-    "object",
-    "image",
-    "prompt_index",
-    "prompt",
-    "method",
-    "seed",
-    "clip_t",
-    "clip_i",
-    "dino",
-    "file",
-    "status",
-)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -117,6 +125,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _versions() -> dict[str, str]:
     import diffusers
+    import torch
     import transformers
 
     from ..version import __version__
@@ -129,100 +138,73 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run_record(options: argparse.Namespace, settings: Any) -> dict[str, Any]:
-    """Everything that decides the images and scores (not where they are written)."""
-    from dataclasses import asdict
-
-    cli = {
-        key: value
-        for key, value in vars(options).items()
-        if key not in ("run", "out", "command") and not key.startswith("monkey_")
-    }
-    return {
-        "protocol": "METHOD.md 3.3: CLIP-T, CLIP-I (ViT-B/32), DINO (ViT-S/16 CLS, 256/224)",
-        "prompts": [LOCATION_PROMPTS[i] for i in range(options.prompts)],
-        "methods": {name: METHODS[name] for name in options.methods},
-        "options": dict(sorted(cli.items())),
-        "monkey": {
-            key: list(v) if isinstance(v, tuple) else v for key, v in asdict(settings).items()
-        },
-    }
-
-
-def _check_record(path: Path, record: dict[str, Any]) -> None:
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        old_run = {key: value for key, value in old.items() if key != "versions"}
-        if old_run != record:
-            changed = sorted(
-                k for k in set(old_run) | set(record) if old_run.get(k) != record.get(k)
-            )
-            raise MonkeyCliError(
-                f"{path} records a run with other settings ({', '.join(changed)}); "
-                "use another --out to keep both"
-            )
-
-
-def read_scores(path: Path) -> list[dict[str, str]]:
-    """The scored rows, the latest per (subject, image, prompt, method): an image generated again
-    after its file was lost replaces its old row."""
-    if not path.exists():
-        return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        latest = {
-            _key(r["subject"], r["image"], r["prompt_index"], r["method"]): r
-            for r in csv.DictReader(handle)
-        }
-    return list(latest.values())
-
-
-def _key(subject: str, image: str, prompt_index: int | str, method: str) -> tuple:
-    return (subject, image, int(prompt_index), method)
-
-
 def jobs(
     subjects: list[Subject], prompts: int, methods: list[str], done: set[tuple]
 ) -> Iterator[tuple[Subject, int, list[str]]]:
     for subject in subjects:
         for index in range(prompts):
             todo = [
-                m for m in methods if _key(subject.name, subject.image.name, index, m) not in done
+                m for m in methods if key(subject.name, subject.image.name, index, m) not in done
             ]
             if todo:
                 yield subject, index, todo
 
 
+def write_settings(
+    path: Path, record: dict[str, Any], saved: dict[str, Any] | None, options: argparse.Namespace
+) -> dict[str, Any]:
+    prompts = [LOCATION_PROMPTS[i] for i in range(options.prompts)]
+    methods = {name: METHODS[name] for name in options.methods}
+    return write_record(path, record, saved, prompts, methods, _versions())
+
+
+def check_evaluate(options: argparse.Namespace) -> Any:
+    """Everything ``evaluate`` can check before loading a model; its MONKEY settings."""
+    from .checks import check_scorer
+
+    settings = settings_from(options)
+    if not 1 <= options.prompts <= len(LOCATION_PROMPTS):
+        raise MonkeyCliError(f"--prompts: 1 to {len(LOCATION_PROMPTS)}, got {options.prompts}")
+    check_sampling(options)
+    find_subjects(need(options.subjects, "--subjects", "dir"), options.object)
+    check_scorer(need(options.clip, "--clip", "dir"), "--clip")
+    check_scorer(need(options.dino, "--dino", "dir"), "--dino")
+    check_model_files(options)
+    check_schedule(options)
+    return settings
+
+
 def run_evaluate(options: argparse.Namespace) -> int:
     from .pipeline import monkey_generate
     from .scores import Scorer
+    from .sheet import save_png
 
-    if not 1 <= options.prompts <= len(LOCATION_PROMPTS):
-        raise MonkeyCliError(f"--prompts: 1 to {len(LOCATION_PROMPTS)}, got {options.prompts}")
-    settings = settings_from(options)
-    subjects = find_subjects(need(options.subjects, "--subjects", "dir"), options.object)
-    clip = need(options.clip, "--clip", "dir")
-    dino = need(options.dino, "--dino", "dir")
+    settings = check_evaluate(options)
+    subjects = find_subjects(Path(options.subjects).expanduser(), options.object)
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resolve_device(options)
     record = run_record(options, settings)
-    _check_record(out / "settings.json", record)
-    (out / "settings.json").write_text(
-        json.dumps({**record, "versions": _versions()}, indent=2), encoding="utf-8"
-    )
+    settings_path = out / "settings.json"
+    saved = check_record(settings_path, record)
     scores_path = out / "scores.csv"
-    rows = read_scores(scores_path)
-    done = {
-        _key(r["subject"], r["image"], r["prompt_index"], r["method"])
-        for r in rows
-        if (out / r["file"]).exists()
-    }
+    raw = read_rows(scores_path)
+    rows = kept_rows(out, read_scores(scores_path))
+    if len(rows) != len(raw):  # one row per image: drop duplicates and rows of lost images
+        rewrite_scores(scores_path, rows)
+    done = {key(r["subject"], r["image"], r["prompt_index"], r["method"]) for r in rows}
     todo = list(jobs(subjects, options.prompts, options.methods, done))
+    scored = len(rows)
+    options.kept = lambda: (
+        f"{scored} scored image{'' if scored == 1 else 's'} kept in {scores_path}; "
+        "run the same command to resume"
+    )
     if todo:
         pipe = open_pipeline(options)
-        scorer = Scorer(clip, dino, options.device)
+        scorer = Scorer(options.clip, options.dino, options.device)
         adapters = len(options.ip_adapter)
         progress = Progress()
         new_file = not scores_path.exists()
+        out.mkdir(parents=True, exist_ok=True)
         with scores_path.open("a", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             if new_file:
@@ -240,9 +222,11 @@ def run_evaluate(options: argparse.Namespace) -> int:
                         folder = Path("images") / subject.name / subject.image.stem
                         name = f"{index:02d}-{method}.png"
                         (out / folder).mkdir(parents=True, exist_ok=True)
-                        image.save(out / folder / name)
+                        info = png_text(options, settings, pipe, prompt, method, status, image)
+                        save_png(image, out / folder / name, info)
                         if mask is not None:
-                            mask.save(out / folder / f"{index:02d}-{method}-mask.png")
+                            mask_name = f"{index:02d}-{method}-mask.png"
+                            save_png(mask, out / folder / mask_name, info)
                         scores = scorer(prompt, reference, image)
                         writer.writerow(
                             {
@@ -261,16 +245,49 @@ def run_evaluate(options: argparse.Namespace) -> int:
                             }
                         )
                         handle.flush()
+                        scored += 1
+                        if saved is None:  # the models loaded and one image is scored
+                            saved = write_settings(settings_path, record, saved, options)
             finally:
                 progress.close()
+    if saved is None and not scores_path.exists():
+        return 0  # nothing to score and nothing scored: --out stays untouched
+    methods = list(write_settings(settings_path, record, saved, options)["methods"])
     rows = read_scores(scores_path)
-    (out / "summary.md").write_text(summary(rows, options.methods), encoding="utf-8")
-    plot_scores(rows, options.methods).save(out / "scatter.png")
+    (out / "summary.md").write_text(summary(rows, methods), encoding="utf-8")
+    plot_scores(rows, methods).save(out / "scatter.png")
+    report(out, rows, methods)
     return 0
+
+
+def report(out: Path, rows: list[dict[str, str]], methods: list[str]) -> None:
+    """Where the run wrote, and one line per method: images scored and the mean scores."""
+    sys.stdout.write(
+        f"wrote {out / 'scores.csv'} ({len(rows)} images), {out / 'summary.md'}, "
+        f"{out / 'scatter.png'}, {out / 'images'}\n"
+    )
+    labels = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
+    for method in methods:
+        stats = means(rows, method)
+        if stats:
+            scores = ", ".join(f"{labels[m]} {stats[m][0]:.4f}" for m in labels)
+            sys.stdout.write(f"{method}: {stats['clip_t'][2]} images, {scores}\n")
+
+
+def png_text(options, settings, pipe, prompt, method, status, image) -> Any:
+    """An evaluation image's PNG text: every setting as run, its method and status."""
+    from ..args import STATUS_LABEL
+    from .sheet import png_info
+
+    params = run_params(options, settings, pipe, image.size)
+    params["IP-Adapter scale"] = METHODS[method]
+    return png_info(prompt, {**params, "Image": method, STATUS_LABEL: status})
 
 
 def _generate(pipe, monkey_generate, settings, method, kwargs, options, progress):
     """One image of ``method``: (image, status text, mask or None)."""
+    import torch
+
     adapters = len(options.ip_adapter)
     pipe.set_ip_adapter_scale([METHODS[method]] * adapters)
     generator = torch.Generator().manual_seed(options.seed)

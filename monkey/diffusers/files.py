@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
+"""``--dtype`` values: torch's dtypes of these names (torch is imported only to load a model)."""
 
 
 class MissingFileError(FileNotFoundError):
@@ -39,6 +39,12 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
         raise MissingFileError(f"{what} is not an image: {found} ({error})") from None
 
 
+def _first(error: BaseException) -> str:
+    """An exception's first line, for a one-line message."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
 def _is_xl(model: Path) -> bool:
     if model.is_dir():
         index = need(model / "model_index.json", "model_index.json of --model", "file")
@@ -64,6 +70,7 @@ def load_pipeline(
     """A Stable Diffusion or SDXL pipeline (a diffusers folder, or a single checkpoint file with
     ``config`` its diffusers config folder) with the image encoder and IP-Adapter files loaded
     through diffusers' own ``load_ip_adapter``; nothing is downloaded."""
+    import torch
     from diffusers import (
         StableDiffusionImg2ImgPipeline,
         StableDiffusionPipeline,
@@ -75,11 +82,16 @@ def load_pipeline(
     model_path = need(model, "--model")
     adapter_paths = [need(path, "--ip-adapter", "file") for path in ip_adapters]
     encoder_path = need(image_encoder, "--image-encoder", "dir")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)
     xl = _is_xl(model_path)
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     if model_path.is_dir():
-        pipe = cls.from_pretrained(model_path, torch_dtype=torch_dtype, local_files_only=True)
+        try:
+            pipe = cls.from_pretrained(model_path, torch_dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise MissingFileError(
+                f"--model {model_path}: not a loadable diffusers model folder ({_first(error)})"
+            ) from None
     else:
         extra = {"config": str(need(config, "--config", "dir"))} if config else {}
         try:
@@ -91,19 +103,32 @@ def load_pipeline(
                 f"{model_path}: a single-file checkpoint needs its diffusers config offline; "
                 f"pass --config with a diffusers model folder of the same family ({error})"
             ) from None
-    encoder = CLIPVisionModelWithProjection.from_pretrained(
-        encoder_path, torch_dtype=torch_dtype, local_files_only=True
-    )
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            encoder_path, torch_dtype=torch_dtype, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise MissingFileError(
+            f"--image-encoder {encoder_path}: not a loadable CLIP image encoder ({_first(error)})"
+        ) from None
     pipe.register_modules(image_encoder=encoder)
-    pipe.load_ip_adapter(
-        [str(path.parent) for path in adapter_paths],
-        subfolder=[""] * len(adapter_paths),
-        weight_name=[path.name for path in adapter_paths],
-        image_encoder_folder=None,
-        local_files_only=True,
-        # diffusers warns at length when it cannot have its low-memory loading without accelerate
-        low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
-    )
+    # checks.py refuses the usual mismatches before anything loads; this catches the rest
+    try:
+        pipe.load_ip_adapter(
+            [str(path.parent) for path in adapter_paths],
+            subfolder=[""] * len(adapter_paths),
+            weight_name=[path.name for path in adapter_paths],
+            image_encoder_folder=None,
+            local_files_only=True,
+            # diffusers warns at length when it cannot have its low-memory loading without accelerate
+            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+        )
+    except (OSError, KeyError, ValueError, RuntimeError) as error:
+        names = " ".join(str(path) for path in adapter_paths)
+        raise MissingFileError(
+            f"--ip-adapter {names}: diffusers cannot load it into --model {model_path} "
+            f"({_first(error)})"
+        ) from None
     if img2img:
         pipe = (
             StableDiffusionXLImg2ImgPipeline if xl else StableDiffusionImg2ImgPipeline

@@ -32,6 +32,7 @@ from ..status import schedule_text, status
 from ..steps import pass1_length
 from ..twopass import run_two_pass
 from .hooks import DiffusersMonkey, ip_attention_modules
+from .schedule import first_pass_steps
 
 logger = logging.getLogger("monkey")
 
@@ -229,8 +230,15 @@ class PipelineRun:
             kwargs.get("num_inference_steps") or _call_default(pipe, "num_inference_steps", 50)
         )
         custom = kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None
-        # a schedule given as timesteps/sigmas cannot be shortened: pass 1 runs it whole
-        self.first_steps = self.steps if custom else pass1_length(self.steps, args.pass1_steps)
+        # a schedule given as timesteps/sigmas cannot be shortened: pass 1 runs it whole; else
+        # pass 1's own shorter schedule, lengthened where the scheduler or img2img needs more
+        self.first_steps = (
+            self.steps
+            if custom
+            else first_pass_steps(
+                pipe, kwargs, self.steps, pass1_length(self.steps, args.pass1_steps)
+            )
+        )
         self.kwargs = dict(kwargs)
         self.kwargs.pop("return_dict", None)
         if not _generators(self.kwargs.get("generator")):
