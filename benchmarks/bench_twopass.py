@@ -35,7 +35,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from bench_recording import LiveBytes  # noqa: E402
 from ip_unets import Model, build  # noqa: E402
 
-from monkey.args import MonkeyArgs  # noqa: E402
+from monkey.args import MonkeyArgs, parse_field  # noqa: E402
 from monkey.diffusers.hooks import DiffusersMonkey  # noqa: E402
 from monkey.hooks import HookSet, TorchHook  # noqa: E402
 from monkey.layers import source_layers  # noqa: E402
@@ -222,7 +222,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--size", type=int, default=None, help="image px (default by model)")
-    parser.add_argument("--pass1-steps", type=float, default=MonkeyArgs.pass1_steps)
+    parser.add_argument(
+        "--pass1-steps",
+        type=lambda value: parse_field("pass1_steps", value),  # a fraction, or a count from 4
+        default=MonkeyArgs.pass1_steps,
+    )
     opts = parser.parse_args()
     # random weights drive some activations subnormal; on a CPU those run many times slower and
     # would time the numbers, not the hooks

@@ -233,6 +233,30 @@ MAX_STEPS = 1000
 _record_steps = _word_or((ALL,), _int_in(1, MAX_STEPS))
 
 
+PASS1_MIN_STEPS = 4
+"""The reference's pass 1 is a fixed 4 steps (``initial_steps=4``); MONKEY's is never shorter,
+unless the generation itself is."""
+
+Pass1Steps = float | int
+"""Pass 1's length: a fraction of the generation's steps (a number from 0 to 1; ``1`` is all of
+them), or a step count (a whole number from ``PASS1_MIN_STEPS`` up). The value alone decides,
+never its type: JSON, XYZ axes and sliders turn ``4`` into ``4.0`` and ``1.0`` into ``1``, and
+neither changes its meaning, because no value is both a fraction and an allowed count."""
+
+
+def _pass1_steps(value: Any) -> Pass1Steps:
+    number = _as_number(value)
+    if 0.0 <= number <= 1.0:
+        return float(number)
+    if number == int(number) and PASS1_MIN_STEPS <= number <= MAX_STEPS:
+        return int(number)
+    if 1.0 < number < PASS1_MIN_STEPS:
+        raise _Reject(
+            f"a pass 1 of {value} steps is shorter than the reference's {PASS1_MIN_STEPS}"
+        )
+    raise _Reject
+
+
 _UNIT = "a number from 0.0 to 1.0"
 
 
@@ -373,16 +397,21 @@ class MonkeyArgs:
         "record steps",
         _record_steps,
         f"an integer from 1 to {MAX_STEPS}, or 'all'",
-        "How many pass-1 steps feed the mask, spread evenly over the record window (paper: 2); "
-        "'all' unions every step of the window.",
+        "How many pass-1 steps feed the mask, spread evenly over the record window. 2 is the "
+        "reference's count (its steps 1 and 2 of 4); keeping 2 on a longer pass 1 is our "
+        "generalisation. 'all' unions every step of the window, the reference's rule read "
+        "literally.",
     )
-    pass1_steps: float = _spec(
+    pass1_steps: Pass1Steps = _spec(
         0.5,
         "pass 1 steps",
-        _float_in(0.0, 1.0),
-        f"{_UNIT} (a fraction of the steps; at least 2 steps)",
-        "Length of pass 1's own schedule as a fraction of the generation's steps (paper: 0.5, "
-        "4 steps against 8); 1.0 runs pass 1 on pass 2's schedule.",
+        _pass1_steps,
+        "a fraction of the generation's steps from 0.0 to 1.0 (1 is all of them), or a whole "
+        f"number of steps from {PASS1_MIN_STEPS} to {MAX_STEPS}",
+        "Length of pass 1's own schedule: a fraction of the generation's steps (0.5: our "
+        "generalisation of the reference's 4 steps against 8) or a step count (4: the "
+        "reference's literal pass 1, and the fastest); never fewer than 4 steps, nor more than "
+        "the generation's. 1.0 runs pass 1 on pass 2's schedule.",
     )
     mask_mode: str = _spec(
         SHARED,

@@ -15,6 +15,9 @@ from .recorder import RecordedMaps
 PX_PER_LATENT = 8
 """Image pixels per latent cell for the SD VAEs; dilate/feather are given in image pixels."""
 
+_DEFAULTS = MonkeyArgs()
+"""The settings model's defaults, the only ones (a mask built without settings uses them)."""
+
 
 @dataclass
 class MaskSet:
@@ -24,9 +27,9 @@ class MaskSet:
     thresholds: list[float | None]
     """Threshold used per image (Otsu's mean for ``auto``), None where there was no signal."""
     tokens: list[int | None]
-    dilate_px: int = 0
-    feather_px: int = 0
-    outside_weight: float = 0.0
+    dilate_px: int = _DEFAULTS.dilate
+    feather_px: int = _DEFAULTS.feather
+    outside_weight: float = _DEFAULTS.outside_weight
     latent_hw: tuple[int, int] | None = None
     """Pass 1's latent, of which ``binary``'s grid is a UNet level; None: whichever latent is
     asked for (``binary``'s grid must then be one of its levels)."""
@@ -64,14 +67,21 @@ class MaskSet:
     def weights(
         self, n_tokens: int, latent_hw: tuple[int, int], device: torch.device
     ) -> torch.Tensor:
-        """``[B_img, N]`` IP weights ``M + w_out·(1 − M)`` for a layer of ``n_tokens`` positions."""
+        """``[B_img, N]`` IP weights ``M + w_out·(1 − M)`` for a layer of ``n_tokens`` positions.
+
+        Each layer cell is the mean of the latent cells it covers (the UNet's index arithmetic,
+        ``M.regrid``). On a layer as fine as the recording layer or finer each such block lies
+        in one recorded cell, so the layer holds the recorded mask's values; on a coarser layer
+        (SD1's middle block, SDXL's coarsest) a cell averages its 2×2 recorded cells (0.25, 0.5,
+        0.75 along the subject's edge). Both are the reference's values: it resizes an
+        image-size mask to each layer with diffusers' bicubic mask downsampling, which on these
+        grids copies and, one exact 2× step coarser, averages. An all-ones mask is exactly 1 on
+        every layer.
+        """
         key = (n_tokens, latent_hw, str(device))
         if key not in self._layer:
             hw = M.layer_size(n_tokens, latent_hw)
-            # max: a layer cell is subject if any of its latent cells is, so a binary mask stays
-            # binary on every layer; a feathered mask is averaged over the cells instead
-            reduce = "max" if self.feather_px <= 0 else "mean"
-            layer = M.regrid(self.latent_masks(latent_hw), hw, reduce)
+            layer = M.regrid(self.latent_masks(latent_hw), hw, "mean")
             layer = layer.reshape(self.n_images, -1)
             self._layer[key] = M.ip_weights(layer, self.outside_weight).to(device)
         return self._layer[key]

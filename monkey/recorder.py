@@ -51,12 +51,15 @@ def resolve_token(token: Token, tokens: int) -> int | None:
 
 
 class MapRecorder:
+    """``token`` and ``attention_scale`` are the settings' (``MonkeyArgs``) values, required: a
+    component keeps no default of its own that could drift from the settings model's."""
+
     def __init__(
         self,
         layers: tuple[str, ...],
         token: Token,
         n_images: int,
-        attention_scale: str = "sdpa",
+        attention_scale: str,
     ):
         if not layers:
             raise ValueError("the recorder needs at least one source layer")

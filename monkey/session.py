@@ -176,7 +176,10 @@ class MonkeySession:
     def _recorder(self, unit: int) -> MapRecorder:
         if unit not in self.recorders:
             self.recorders[unit] = MapRecorder(
-                self._layers, self.args.token, self.layout.n_images, self.args.attention_scale
+                self._layers,
+                self.args.token,
+                self.layout.n_images,
+                attention_scale=self.args.attention_scale,
             )
         return self.recorders[unit]
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .args import ALL, MonkeyArgs, RecordSteps
+from .args import ALL, PASS1_MIN_STEPS, MonkeyArgs, Pass1Steps, RecordSteps
 
 _EPS = 1e-9
 """Fractions times step counts land on integers up to rounding (0.3 · 10 = 3.0000000000000004)."""
@@ -21,8 +21,9 @@ _EPS = 1e-9
 def window(total: int, start: float, end: float) -> range:
     """Steps ``i`` of ``total`` with ``floor(start·n) ≤ i < ceil(end·n)``.
 
-    For [0.25, 0.75) this is the reference code's ``range(n)[n//4 : -(n//4)]`` at every n ≥ 4;
-    ``end = 1`` includes the last step.
+    For [0.25, 0.75) this is the reference code's ``range(n)[n//4 : -(n//4)]`` at every n ≥ 4
+    (below 4 the reference's slice is empty; this window still holds a step); ``end = 1``
+    includes the last step.
     """
     return range(
         max(0, math.floor(start * total + _EPS)), min(total, math.ceil(end * total - _EPS))
@@ -37,9 +38,17 @@ def spread(steps: range, count: RecordSteps) -> tuple[int, ...]:
     return tuple(sorted({steps[math.floor((j + 0.5) * len(steps) / count)] for j in range(count)}))
 
 
-def pass1_length(steps: int, fraction: float) -> int:
-    """Pass 1's own step count: ``fraction`` of the generation's (half up), at least 2."""
-    return min(steps, max(2, math.floor(fraction * steps + 0.5)))
+def pass1_length(steps: int, setting: Pass1Steps) -> int:
+    """Pass 1's own step count for a generation of ``steps`` steps.
+
+    ``setting`` up to 1 is a fraction of ``steps`` (half up), above 1 a step count (see
+    ``args.pass1_steps``). Either way pass 1 runs at least ``PASS1_MIN_STEPS``, the reference's
+    fixed 4, and at most ``steps``: a 4-step pass 1 (every 4- to 8-step generation at the
+    default 0.5) records the reference's steps 1 and 2, and no pass 1 of 4 or more steps
+    records the pure-noise step 0. A generation of 1 to 3 steps runs pass 1 on its own schedule.
+    """
+    wanted = setting if setting > 1 else math.floor(setting * steps + 0.5)
+    return min(steps, max(PASS1_MIN_STEPS, int(wanted)))
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def run_two_pass(
         if not session.has_data:
             reason = (
                 "no IP-Adapter attention was recorded in the record window "
-                "(is the unit's start/end or weight excluding it?)"
+                "(is the unit's start/end excluding it?)"
             )
             if first_is_final:  # pass 1 only stops early after recording: it ran to its end
                 return TwoPassResult(first, first, None, reason)

@@ -404,6 +404,10 @@ def test_settings_section_and_xyz_axes(webui):
     by_label["[MONKEY] Enabled"].apply(p, "True", [])
     by_label["[MONKEY] Threshold"].apply(p, 0.7, [])
     by_label["[MONKEY] Recorded steps"].apply(p, "all", [])
+    assert by_label["[MONKEY] Pass 1 steps"].type is str  # "4" stays "4" in the grid's labels
+    by_label["[MONKEY] Pass 1 steps"].apply(p, "4", [])
+    with pytest.raises(MonkeyArgsError, match="shorter than the reference's 4"):
+        by_label["[MONKEY] Pass 1 steps"].confirm(p, ["0.5", "2"])
     with pytest.raises(MonkeyArgsError):
         by_label["[MONKEY] Token"].confirm(p, ["first"])
     with pytest.raises(MonkeyArgsError):
@@ -413,6 +417,7 @@ def test_settings_section_and_xyz_axes(webui):
     processed = generate(webui, p)
     assert "MONKEY threshold: 0.7" in processed.infotexts[0]
     assert "MONKEY record steps: all" in processed.infotexts[0]
+    assert "MONKEY pass 1 steps: 4," in processed.infotexts[0]
 
 
 def test_settings_schema_route_lists_every_setting(webui):
@@ -645,6 +650,28 @@ def test_pass_one_runs_its_own_shorter_schedule_from_the_same_noise(webui, monke
     assert [s for ph, s, _ in seen if ph is Phase.RECORD] == list(range(11))  # 15 steps: 5, 9
     assert "recorded steps 5, 9 of 15, masked steps 7-22 of 30" in processed.infotexts[0]
     assert p.steps == 30
+
+
+@pytest.mark.parametrize(
+    ("steps", "pass1_steps", "schedule"),
+    [
+        (1, 0.5, "recorded steps 0 of 1, masked steps 0 of 1"),
+        (3, 0.5, "recorded steps 0, 2 of 3, masked steps 0-2 of 3"),
+        (4, 0.5, "recorded steps 1, 2 of 4, masked steps 1, 2 of 4"),
+        (6, 0.5, "recorded steps 1, 2 of 4, masked steps 1-4 of 6"),
+        (12, 4, "recorded steps 1, 2 of 4, masked steps 3-8 of 12"),
+    ],
+    ids=["1-step", "3-step", "4-step", "6-step", "12-step-pass1-4"],
+)
+def test_pass_one_is_never_shorter_than_the_references_four_steps(
+    webui, monkeypatch, steps, pass1_steps, schedule
+):
+    seen = denoiser_steps(monkeypatch)
+    settings = with_fields(ON, pass1_steps=pass1_steps)
+    processed = generate(webui, make_p(webui, settings, steps=steps, width=64, height=64))
+    assert schedule in processed.infotexts[0]
+    last = max(step for phase, step, _ in seen if phase is Phase.RECORD)
+    assert last == (steps - 1 if steps < 4 else 3)  # 4 steps or more: step 3 ends pass 1
 
 
 def test_the_hires_pass_masks_on_its_own_step_clock_and_says_so(webui, monkeypatch):

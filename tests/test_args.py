@@ -49,7 +49,7 @@ def monkey_args(draw) -> MonkeyArgs:
         save_masks=draw(st.booleans()),
         attention_scale=draw(st.sampled_from(["reference", "sdpa"])),
         record_steps=draw(st.one_of(st.integers(1, A.MAX_STEPS), st.just(ALL))),
-        pass1_steps=draw(unit),
+        pass1_steps=draw(st.one_of(unit, st.integers(A.PASS1_MIN_STEPS, A.MAX_STEPS))),
         mask_mode=draw(st.sampled_from(A.MASK_MODES)),
     )
 
@@ -175,7 +175,12 @@ def test_new_settings_come_after_the_first_releases_so_old_api_lists_still_parse
         ("attention_scale", 1.0, "'reference' or 'sdpa'"),
         ("record_steps", 0, "'all'"),
         ("record_steps", "most", "'all'"),
-        ("pass1_steps", 1.5, "0.0 to 1.0"),
+        ("pass1_steps", 1.5, "0.0 to 1.0 (1 is all of them), or a whole number of steps"),
+        ("pass1_steps", 2, "shorter than the reference's 4"),
+        ("pass1_steps", "3", "shorter than the reference's 4"),
+        ("pass1_steps", 4.5, "a whole number of steps from 4 to 1000"),
+        ("pass1_steps", -0.5, "a whole number of steps from 4 to 1000"),
+        ("pass1_steps", "four", "a whole number of steps from 4 to 1000"),
         ("mask_mode", "both", "'shared' or 'per_unit'"),
         ("mask_mode", 1, "'shared' or 'per_unit'"),
         ("thresholds", "unit1=1.5", "'unit1=1.5': T must be from 0.0 to 1.0 or 'auto'"),
@@ -231,7 +236,72 @@ def test_unit_thresholds_replace_the_others_for_their_unit_and_parse_in_every_fo
     assert [text.threshold_for(i, 2) for i in range(3)] == [AUTO] * 3
 
 
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        (0.5, 0.5),
+        ("0.5", 0.5),
+        (1, 1.0),  # all of the generation's steps, never a 1-step pass 1
+        ("1", 1.0),
+        (1.0, 1.0),
+        (0, 0.0),
+        (4, 4),
+        ("4", 4),
+        (4.0, 4),  # JSON numbers, XYZ's float axes and sliders give 4.0: still 4 steps
+        ("4.0", 4),
+        (30, 30),
+    ],
+    ids=repr,
+)
+def test_pass_one_steps_is_a_fraction_up_to_1_and_a_step_count_above(value, parsed):
+    """One setting, two forms, told apart by value alone (never by type, which JSON, XYZ and the
+    UI do not keep): fractions in [0, 1], step counts from 4; infotext writes each so that it
+    reads back the same."""
+    settings = MonkeyArgs(pass1_steps=value)
+    assert settings.pass1_steps == parsed and type(settings.pass1_steps) is type(parsed)
+    text = settings.to_infotext()["MONKEY pass 1 steps"]
+    assert text == (repr(parsed) if isinstance(parsed, float) else str(parsed))
+    assert MonkeyArgs.from_infotext({"MONKEY pass 1 steps": text}).pass1_steps == parsed
+    assert A.parse_field("pass1_steps", text) == parsed
+
+
 def test_parse_field_for_single_values():
     assert A.parse_field("threshold", "0.25") == 0.25
     with pytest.raises(MonkeyArgsError):
         A.parse_field("token", "first")
+
+
+def test_core_components_keep_no_default_of_their_own_for_a_setting():
+    """One default per setting: a core function or class taking a setting (``attention_scale``,
+    ``token``, ``dilate_px`` ...) requires it or defaults to the settings model's value."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import monkey
+
+    defaults = MonkeyArgs()
+    aliases = {"dilate_px": "dilate", "feather_px": "feather"}
+    checked = []
+    for info in pkgutil.iter_modules(monkey.__path__):
+        if info.ispkg or info.name.startswith("_"):  # the host wings, and the CLI entry point
+            continue
+        module = importlib.import_module(f"monkey.{info.name}")
+        for obj in vars(module).values():
+            if getattr(obj, "__module__", None) != module.__name__ or not callable(obj):
+                continue
+            functions = [obj]
+            if inspect.isclass(obj):
+                functions = [obj.__init__, *filter(inspect.isfunction, vars(obj).values())]
+            for function in functions:
+                try:
+                    parameters = inspect.signature(function).parameters.values()
+                except (TypeError, ValueError):
+                    continue
+                for parameter in parameters:
+                    setting = aliases.get(parameter.name, parameter.name)
+                    if setting not in A.names() or parameter.default is inspect.Parameter.empty:
+                        continue
+                    checked.append(f"{obj.__qualname__}({parameter.name})")
+                    assert parameter.default == getattr(defaults, setting), checked[-1]
+    assert "MaskSet(dilate_px)" in checked  # the scan reaches dataclass fields

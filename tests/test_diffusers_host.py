@@ -117,6 +117,29 @@ def test_recording_leaves_the_output_bit_identical(unet, inputs):
     assert torch.equal(plain, recorded)
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_unit"])
+def test_a_source_layer_at_scale_0_records_from_the_adapters_own_keys(unet, inputs, mode):
+    """InstantStyle-style scales zero the source layer, where diffusers then projects no key:
+    MONKEY projects the adapter's own, as the WebUI hosts do, and leaves the output alone."""
+    processor = unet.get_submodule(SOURCE).processor
+    processor.scale = [0.0]
+    try:
+        plain = inputs(unet)
+        session = session_for(MonkeyArgs(mask_mode=mode))
+        session.begin(Phase.RECORD)
+        session.begin_step(1, 4)
+        monkey = DiffusersMonkey(unet, session)
+        with monkey.hooks:
+            recorded = inputs(unet)
+        expected = reference_maps(unet, inputs, SOURCE, 1, "reference")
+    finally:
+        processor.scale = [1.0]
+    assert torch.equal(plain, recorded)  # the layer still adds no image attention
+    assert monkey.zero_weight_layers() == {SOURCE}
+    maps = session.recorder.result().maps[:, 0].reshape(2, -1)
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-6)
+
+
 def applied(
     unet, inputs, masks: MaskSet, args: MonkeyArgs | None = None, step=(1, 4)
 ) -> torch.Tensor:

@@ -14,9 +14,9 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
 )
 from PIL import Image
-from tiny_pipeline import SIZE, SOURCE, tiny_pipeline
+from tiny_pipeline import SIZE, SOURCE, tiny_lcm_pipeline, tiny_pipeline
 
-from monkey.args import MonkeyArgs
+from monkey.args import PASS1_MIN_STEPS, MonkeyArgs
 from monkey.diffusers.hooks import MonkeyIPAdapterProcessor, ip_attention_modules
 from monkey.diffusers.pipeline import (
     LoopClock,
@@ -78,7 +78,7 @@ def plain(pipe, scale: float = 1.0, **extra) -> torch.Tensor:
         set_scale(pipe, 1.0)
 
 
-def assert_unhooked(pipe, interrupted: bool = False) -> None:
+def assert_unhooked(pipe, interrupted: bool = False, check_interrupt: bool = True) -> None:
     """No MONKEY hook left, and the interrupt flag as a plain call leaves it (set only by the
     user's own interrupt)."""
     assert not any(
@@ -87,7 +87,9 @@ def assert_unhooked(pipe, interrupted: bool = False) -> None:
     assert not pipe.unet._forward_pre_hooks
     assert not pipe.unet._forward_hooks
     assert not any(m._forward_hooks for m in pipe.unet.modules())
-    assert pipe.interrupt is interrupted
+    assert "forward" not in vars(pipe.unet) and "step" not in vars(pipe.scheduler)
+    if check_interrupt:
+        assert pipe.interrupt is interrupted
 
 
 @pytest.fixture
@@ -329,16 +331,72 @@ def test_hooks_are_removed_when_the_call_raises(pipe):
     assert all(a is b for a, b in zip(pipe.unet.attn_processors.values(), before.values()))
 
 
-def test_nothing_recorded_returns_the_plain_image(pipe):
-    """A record window with no IP attention (IP-Adapter scale 0) keeps plain IP-Adapter."""
-    pipe.set_ip_adapter_scale(0.0)
-    try:
-        out = monkey_generate(pipe, ON, **call())
-        expected = pipe(**call()).images
-    finally:
-        pipe.set_ip_adapter_scale(1.0)
+def test_nothing_recorded_returns_the_plain_image(pipe, monkeypatch):
+    """A pass 1 that records nothing keeps plain IP-Adapter (the whole plain run)."""
+    monkeypatch.setattr(MonkeySession, "observe", lambda *_args, **_kwargs: None)
+    out = monkey_generate(pipe, ON, **call())
     assert out.mask_set is None and "no IP-Adapter attention" in out.skipped_reason
-    assert torch.equal(out.images, expected)
+    assert torch.equal(out.images, plain(pipe))
+
+
+def test_a_source_layer_at_scale_0_still_masks_from_the_adapters_own_keys(pipe):
+    """InstantStyle-style per-layer scales that zero the source layer: the mask comes from the
+    adapter's own keys there, as on the WebUI hosts, and the status says so."""
+    pipe.set_ip_adapter_scale({"up": {"block_0": [1.0, 0.0]}})  # diffusers' own per-layer dict
+    try:
+        scales = {name: m.processor.scale for name, m in ip_attention_modules(pipe.unet).items()}
+        assert scales[SOURCE] == [0.0]
+        assert scales[SOURCE.replace("attentions.1", "attentions.0")] == [1.0]
+        out = monkey_generate(pipe, ON, **call())
+        styled = pipe(**call()).images
+    finally:
+        set_scale(pipe, 1.0)
+    assert out.skipped_reason is None and out.statuses[0].startswith("masked ")
+    assert "recorded from the unit's own keys where its IP-Adapter weight is 0" in out.statuses[0]
+    assert "(up_blocks.0.attentions.1)" in out.statuses[0]
+    assert not torch.equal(out.images, styled)
+    assert_unhooked(pipe)
+
+
+@pytest.fixture(scope="module")
+def lcm(tmp_path_factory):
+    return tiny_lcm_pipeline(tmp_path_factory.mktemp("lcm"))
+
+
+@pytest.mark.parametrize("steps", [4, 6, 8])
+def test_the_lcm_pipeline_stops_pass_1_after_its_last_recorded_step(lcm, steps):
+    """LatentConsistencyModelPipeline (the reference's) never reads its interrupt flag; pass 1
+    (4 steps, recording 1 and 2) still evaluates the UNet at its steps 0-2 only, and its image
+    is LCM's denoised estimate after step 2."""
+    evaluations = []  # the UNet's first convolution runs once per real evaluation
+    handle = lcm.unet.conv_in.register_forward_hook(lambda *_: evaluations.append(1))
+    try:
+        out = monkey_generate(lcm, ON, **call(num_inference_steps=steps))
+    finally:
+        handle.remove()
+    assert out.skipped_reason is None
+    assert f"recorded steps 1, 2 of {PASS1_MIN_STEPS}, masked steps" in out.statuses[0]
+    assert len(evaluations) == 3 + steps  # pass 1 steps 0-2, then every pass-2 step
+    seen = {}
+
+    def grab(_pipe, index, _t, tensors):
+        if index == 2:
+            seen["denoised"] = tensors["denoised"]
+        return {}
+
+    lcm(
+        **call(
+            num_inference_steps=4,
+            callback_on_step_end=grab,
+            callback_on_step_end_tensor_inputs=["denoised"],
+        )
+    )
+    with torch.no_grad():
+        decoded = lcm.vae.decode(seen["denoised"] / lcm.vae.config.scaling_factor).sample
+    assert torch.equal(out.first_images, lcm.image_processor.postprocess(decoded, "pt"))
+    assert "forward" not in vars(lcm.unet) and "step" not in vars(lcm.scheduler)
+    assert not getattr(lcm, "_interrupt", False)
+    assert_unhooked(lcm, check_interrupt=False)
 
 
 def test_clear_errors(pipe, tmp_path):

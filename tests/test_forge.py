@@ -111,6 +111,17 @@ def test_two_passes_with_pass_one_stopped_early_and_patches_rebuilt_per_pass(web
     assert_clean(webui, p)
 
 
+@pytest.mark.parametrize("steps", [4, 6])
+def test_short_generations_get_the_references_four_step_pass_one(webui, steps):
+    p = make_forge_p(webui, ON, steps=steps, width=64, height=64)
+    calls = UNetCalls(unet_of(p))
+    processed = generate(webui, p)
+    calls.close()
+    assert len(calls.sizes) == 3 + steps  # pass 1: 4 steps, records 1 and 2, stops at 3
+    assert "recorded steps 1, 2 of 4, masked steps" in processed.infotexts[0]
+    assert_clean(webui, p)
+
+
 def test_zero_masks_leave_no_ip_contribution(webui, monkeypatch):
     no_ip = make_forge_p(webui, monkey=False, units=[], **SIZE)
     generate(webui, no_ip)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,7 +103,7 @@ def test_latent_cells_take_their_recording_cells_value(latent_hw, seed):
 @pytest.mark.parametrize("dilate_px", [0, 16], ids=["no-dilate", "dilate16"])
 @settings(max_examples=15)
 @given(seed=seeds)
-def test_without_feather_every_layer_is_binary_and_any_subject_cell_counts(
+def test_every_layer_is_the_block_mean_and_binary_down_to_the_recording_layer(
     latent_hw, dilate_px, seed
 ):
     binary = random_binary(seed, ceil_level(latent_hw, RECORD_LEVEL))
@@ -111,8 +112,12 @@ def test_without_feather_every_layer_is_binary_and_any_subject_cell_counts(
     assert set(latent.unique().tolist()) <= {0.0, 1.0}
     for level in SD1_LEVEL_NUMBERS:
         layer = layer_weights(masks, latent_hw, level)
-        assert set(layer.unique().tolist()) <= {0.0, 1.0}, f"level {level}"
-        assert torch.equal(layer.double(), block_reference(latent, level, "max")), f"level {level}"
+        reference = block_reference(latent, level, "mean")
+        assert torch.allclose(layer.double(), reference, atol=1e-6), f"level {level}"
+        if level <= RECORD_LEVEL and not dilate_px:  # each block lies in one recorded cell
+            d = RECORD_LEVEL - level
+            rows, cols = torch.arange(layer.shape[-2]) >> d, torch.arange(layer.shape[-1]) >> d
+            assert torch.equal(layer, binary[:, rows[:, None], cols[None, :]].float())
 
 
 @pytest.mark.parametrize("latent_hw", LATENT_CASES)
@@ -170,9 +175,9 @@ def test_a_hires_latent_resizes_pass_ones_latent_mask(hires, exact):
     assert latent.shape == (2, *big) and set(latent.unique().tolist()) <= {0.0, 1.0}
     if exact:  # twice the size: cell i is pass 1's latent cell i // 2
         assert torch.equal(latent, M.regrid(masks.latent_masks(base), big))
-    for level in range(4):
+    for level in range(4):  # every hires layer: block means of the hires latent mask
         layer = layer_weights(masks, big, level)
-        assert set(layer.unique().tolist()) <= {0.0, 1.0}
+        assert torch.allclose(layer.double(), block_reference(latent, level, "mean"), atol=1e-6)
 
 
 # -- regrid: the arithmetic itself, for masks and for the recorder's soft maps ---------------------
@@ -254,3 +259,42 @@ def test_the_preview_at_8_px_per_latent_cell_is_the_same_gather(latent_hw):
     pixels = (latent_hw[0] * 8, latent_hw[1] * 8)
     rows, cols = torch.arange(pixels[0]) >> 3, torch.arange(pixels[1]) >> 3
     assert torch.equal(M.resize(latent, pixels), latent[:, rows[:, None], cols[None, :]])
+
+
+# -- the reference's per-layer masks ---------------------------------------------------------------
+
+
+def reference_layer_masks(binary: torch.Tensor, size: tuple[int, int], tokens: list[int]):
+    """What the reference code (jamesBaker361/monkey at 3dbb7ce, ``main_seg.py``) hands each
+    layer for the recorded mask ``binary [h, w]``: 255 where kept, nearest-upsampled to the image
+    size, clamped to 1, ``IPAdapterMaskProcessor.preprocess``-ed, then resized per layer by
+    diffusers' own ``IPAdapterMaskProcessor.downsample`` (bicubic), as its processors do."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    mask = F.interpolate(binary.float()[None, None] * 255, size=size, mode="nearest")[0, 0]
+    mask[mask > 1] = 1.0
+    prepared = IPAdapterMaskProcessor().preprocess(mask)  # [1, 1, H, W]
+    return [IPAdapterMaskProcessor.downsample(prepared[:, 0], 1, n, 1)[0, :, 0] for n in tokens]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(256, 256), (512, 512), (768, 768), (320, 320), (256, 384)],
+    ids=["256px", "512px", "768px", "320px-odd-5x5-middle", "384x256px"],
+)
+def test_every_layer_gets_the_reference_codes_mask(size):
+    """At the paper's layer (level 2) on SD1's four levels: levels 0-2 are copies, the middle
+    block (level 3, 5×5 at 320 px) the mean of each 2×2 block: the reference's bicubic values."""
+    latent_hw = (size[0] // 8, size[1] // 8)
+    gen = torch.Generator().manual_seed(sum(size))
+    binary = torch.rand(*ceil_level(latent_hw, RECORD_LEVEL), generator=gen) < 0.5
+    masks = MaskSet(binary[None], [M.MaskStatus.OK], [0.5], [1], latent_hw=latent_hw)
+    tokens = [math.prod(ceil_level(latent_hw, level)) for level in SD1_LEVEL_NUMBERS]
+    expected = reference_layer_masks(binary, size, tokens)
+    for level, (n, reference) in enumerate(zip(tokens, expected)):
+        ours = masks.weights(n, latent_hw, torch.device("cpu"))[0]
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6, msg=f"level {level}")
+    assert set(expected[3].unique().tolist()) - {0.0, 1.0}  # the middle block is soft
+    ones = MaskSet(torch.ones_like(binary)[None], [M.MaskStatus.FULL], [0.0], [1])
+    for n in tokens:  # all-ones stays exactly 1: plain IP-Adapter
+        assert torch.equal(ones.weights(n, latent_hw, torch.device("cpu")), torch.ones(1, n))

@@ -24,7 +24,7 @@ def qk(rows: int, n: int, heads: int = 8, tokens: int = 4, d: int = 16, seed: in
 
 
 def test_only_cond_rows_head_mean_maps_are_kept():
-    recorder = MapRecorder(("a",), token=1, n_images=2)
+    recorder = MapRecorder(("a",), token=1, n_images=2, attention_scale="sdpa")
     rows = rows_for(RowLayout.webui([1, 1]), 4)
     q, k = qk(4, 64)
     for step in range(5):
@@ -37,7 +37,7 @@ def test_only_cond_rows_head_mean_maps_are_kept():
 
 
 def test_and_prompt_rows_of_one_image_are_averaged():
-    recorder = MapRecorder(("a",), token=0, n_images=1)
+    recorder = MapRecorder(("a",), token=0, n_images=1, attention_scale="sdpa")
     rows = rows_for(RowLayout.webui([2]), 3)  # two cond rows of image 0, one uncond row
     q, k = qk(3, 16)
     recorder.observe(0, "a", q, k, rows)
@@ -46,7 +46,7 @@ def test_and_prompt_rows_of_one_image_are_averaged():
 
 
 def test_layers_of_different_resolutions_average_on_the_finest_grid():
-    recorder = MapRecorder(("fine", "coarse"), token=2, n_images=1)
+    recorder = MapRecorder(("fine", "coarse"), token=2, n_images=1, attention_scale="sdpa")
     rows = rows_for(RowLayout.webui([1]), 2)
     qf, kf = qk(2, 64, seed=1)  # 8×8 for a 16×16 latent (level 1)
     qc, kc = qk(2, 16, seed=2)  # 4×4 (level 2)
@@ -63,7 +63,7 @@ def test_layers_of_different_resolutions_average_on_the_finest_grid():
 
 
 def test_an_image_without_cond_rows_at_a_step_is_nan():
-    recorder = MapRecorder(("a",), token="auto", n_images=2)
+    recorder = MapRecorder(("a",), token="auto", n_images=2, attention_scale="sdpa")
     tracker = RowTracker(RowLayout.webui([1, 1]))
     q, k = qk(1, 16)
     recorder.observe(0, "a", q, k, tracker.unet_call(1, (8, 8)))  # split call: image 0's row only
@@ -74,17 +74,17 @@ def test_an_image_without_cond_rows_at_a_step_is_nan():
 
 def test_default_token_is_1_on_four_token_adapters_and_auto_on_others():
     rows = rows_for(RowLayout.webui([1]), 2)
-    four = MapRecorder(("a",), token="default", n_images=1)
+    four = MapRecorder(("a",), token="default", n_images=1, attention_scale="sdpa")
     four.observe(0, "a", *qk(2, 16, tokens=4), rows)
     assert four.result().token == 1 and four.token_count == 4
-    plus = MapRecorder(("a",), token="default", n_images=1)
+    plus = MapRecorder(("a",), token="default", n_images=1, attention_scale="sdpa")
     plus.observe(0, "a", *qk(2, 16, tokens=16), rows)
     result = plus.result()
     assert result.token is None and result.maps.shape == (1, 1, 16, 4, 4)  # every token: auto
 
 
 def test_an_explicit_token_past_the_adapters_count_names_the_count():
-    recorder = MapRecorder(("a",), token=4, n_images=1)
+    recorder = MapRecorder(("a",), token=4, n_images=1, attention_scale="sdpa")
     with pytest.raises(MonkeyArgsError, match="this IP-Adapter has 4 image tokens") as caught:
         recorder.observe(0, "a", *qk(2, 16, tokens=4), rows_for(RowLayout.webui([1]), 2))
     assert caught.value.field == "token"

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monkey.args import ALL
+from monkey.args import ALL, PASS1_MIN_STEPS, MonkeyArgs
 from monkey.steps import StepClock, StepPlan, pass1_length, spread, window
 
 
@@ -44,11 +44,35 @@ def test_spread_picks_distinct_steps_inside_the_window(n, count):
 
 
 @given(st.integers(1, 300), st.floats(0.0, 1.0))
-def test_pass_one_length_is_half_up_and_at_least_two(steps, fraction):
+def test_pass_one_length_is_the_fraction_half_up_never_under_four_nor_over_n(steps, fraction):
     length = pass1_length(steps, fraction)
-    assert length == min(steps, max(2, math.floor(fraction * steps + 0.5)))
+    assert length == min(steps, max(4, math.floor(fraction * steps + 0.5)))
     assert pass1_length(steps, 1.0) == steps
     assert pass1_length(8, 0.5) == 4  # the reference's 4 against 8
+
+
+@given(st.integers(1, 300), st.integers(PASS1_MIN_STEPS, 1000))
+def test_a_step_count_is_pass_ones_length_up_to_the_generations(steps, count):
+    assert pass1_length(steps, count) == min(steps, count)
+
+
+@pytest.mark.parametrize("n", range(1, 151))
+def test_every_step_count_gets_the_references_pass_one_where_it_can(n):
+    """Pass 1 runs at least the reference's 4 steps (all n when n < 4): 4 to 8 steps record
+    exactly steps 1 and 2 of a 4-step pass 1, as the reference does; no n ≥ 4 records the
+    pure-noise step 0; a 4-step pass 1 (``pass1_steps: 4``) does so at every n ≥ 4."""
+    defaults = MonkeyArgs()
+    length = pass1_length(n, defaults.pass1_steps)
+    plan = StepPlan.for_settings(length, defaults)
+    assert length == (n if n < 4 else max(4, math.floor(n / 2 + 0.5)))
+    assert plan.record and all(0 <= step < length for step in plan.record)
+    if 4 <= n <= 8:
+        assert (length, plan.record) == (4, (1, 2))
+    if n >= 4:
+        assert 0 not in plan.record
+        fixed = pass1_length(n, 4)
+        assert (fixed, StepPlan.for_settings(fixed, defaults).record) == (4, (1, 2))
+    assert StepPlan.for_settings(n, defaults).apply  # pass 2 masks at least one step
 
 
 def test_plan_stops_pass_one_after_its_last_recorded_step():

@@ -14,10 +14,14 @@ TOKENS = 4
 
 
 def tiny_unet(
-    cross_dim: int = 32, block_out_channels: tuple[int, int] = (32, 64)
+    cross_dim: int = 32,
+    block_out_channels: tuple[int, int] = (32, 64),
+    time_cond_proj_dim: int | None = None,
 ) -> UNet2DConditionModel:
-    """Two resolutions with cross-attention at both: 7 attn2 layers at latent/1 and latent/2."""
+    """Two resolutions with cross-attention at both: 7 attn2 layers at latent/1 and latent/2.
+    ``time_cond_proj_dim``: a guidance-embedding input, as latent consistency models have."""
     return UNet2DConditionModel(
+        time_cond_proj_dim=time_cond_proj_dim,
         sample_size=16,
         in_channels=4,
         out_channels=4,

@@ -137,11 +137,30 @@ def plain_pipeline(folder: Path, seed: int = 0, unet=None) -> StableDiffusionPip
     return pipe
 
 
-def tiny_pipeline(
-    folder: Path, adapters: int = 1, seed: int = 0, unet=None
-) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with ``adapters`` IP-Adapters loaded by ``load_ip_adapter``."""
-    pipe = plain_pipeline(folder, seed, unet)
+def tiny_lcm_pipeline(folder: Path, seed: int = 0):
+    """A LatentConsistencyModelPipeline (the reference's own pipeline) on an LCMScheduler, its
+    UNet taking LCM's guidance embedding, with one IP-Adapter loaded by ``load_ip_adapter``."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    sd = plain_pipeline(folder, seed)
+    torch.manual_seed(seed)
+    pipe = LatentConsistencyModelPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=tiny_unet(time_cond_proj_dim=8),
+        scheduler=LCMScheduler(),
+        safety_checker=None,
+        feature_extractor=sd.feature_extractor,
+        image_encoder=sd.image_encoder,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return load_adapters(pipe, folder, 1, seed)
+
+
+def load_adapters(pipe, folder: Path, adapters: int, seed: int):
+    """``pipe`` with ``adapters`` IP-Adapter files written here and loaded by diffusers."""
     names = [f"ip-{index}.safetensors" for index in range(adapters)]
     for index, name in enumerate(names):
         write_ip_adapter(pipe.unet, folder / name, seed=seed + index)
@@ -153,6 +172,13 @@ def tiny_pipeline(
         low_cpu_mem_usage=False,
     )
     return pipe
+
+
+def tiny_pipeline(
+    folder: Path, adapters: int = 1, seed: int = 0, unet=None
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with ``adapters`` IP-Adapters loaded by ``load_ip_adapter``."""
+    return load_adapters(plain_pipeline(folder, seed, unet), folder, adapters, seed)
 
 
 def write_model_files(folder: Path, seed: int = 0) -> dict[str, Path]:

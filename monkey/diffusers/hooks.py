@@ -87,6 +87,8 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         object.__setattr__(self, "captured", {})
         object.__setattr__(self, "_mask_lists", {})
         self.armed = False
+        self.zero_weight = False
+        """Whether this layer recorded from keys it projected itself (its scale was 0)."""
 
     def capture(self, key: str):
         def hook(_module, _inputs, output):
@@ -141,11 +143,15 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
                 scale,
                 ip_adapter_masks,
             )
-            if self.armed and session.per_unit and "q" in self.captured:
-                self._observe_units(attn.heads, encoder_hidden_states[1])
-            elif self.armed and {"q", "k"} <= self.captured.keys():
-                heads = attn.heads
-                session.observe(self.name, split_heads(self.captured["q"], heads), self._key(heads))
+            states = encoder_hidden_states[1] if isinstance(encoder_hidden_states, tuple) else None
+            if self.armed and session.per_unit and "q" in self.captured and states is not None:
+                self._observe_units(attn.heads, states)
+            elif self.armed and "q" in self.captured:
+                key = self._key("k", self.source_adapter, states)
+                if key is not None:
+                    heads = attn.heads
+                    query = split_heads(self.captured["q"], heads)
+                    session.observe(self.name, query, split_heads(key, heads))
         finally:
             if scale_off:
                 self.inner.scale = saved
@@ -153,9 +159,19 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
             self.captured.clear()
         return out
 
-    def _key(self, heads: int) -> torch.Tensor:
-        key = self.captured["k"]  # [R, images, T, C]: diffusers concatenates the images' tokens
-        return split_heads(key.reshape(key.shape[0], -1, key.shape[-1]), heads)
+    def _key(self, name: str, adapter: int, states: list | None) -> torch.Tensor | None:
+        """``[R, T·images, C]`` IP keys of ``adapter``: those its processor projected, or, where
+        its scale here is 0 (InstantStyle-style per-layer scales; diffusers then skips the
+        adapter and projects nothing), projected here from its own ``to_k_ip`` as diffusers
+        would, as the WebUI hosts do at a layer whose weight is 0. The output is untouched."""
+        key = self.captured.get(name)  # [R, images, T, C]: diffusers concatenates the images
+        if key is None:
+            if states is None or adapter >= len(states) or adapter >= len(self.inner.to_k_ip):
+                return None
+            with torch.no_grad():
+                key = self.inner.to_k_ip[adapter](states[adapter])
+            self.zero_weight = True
+        return key.reshape(key.shape[0], -1, key.shape[-1])
 
     def _unit_weights(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor]):
         """The exact path's weights: one tensor for all adapters (``shared``), one per adapter
@@ -173,14 +189,15 @@ class MonkeyIPAdapterProcessor(torch.nn.Module):
         query = split_heads(self.captured["q"], heads)
         unit = 0
         for adapter, state in enumerate(ip_states):
-            key = self.captured.get(f"k{adapter}")  # [R, images, T, C]; absent at scale 0
-            if key is not None:
-                key = key if key.ndim == 4 else key[:, None]
-                for image in range(key.shape[1]):
+            key = self._key(f"k{adapter}", adapter, ip_states)
+            images = state.shape[1] if state.ndim == 4 else 1
+            if key is not None:  # [R, images·T, C]: each image's T tokens in turn
+                per_image = key.view(key.shape[0], images, -1, key.shape[-1])
+                for image in range(images):
                     self.session.observe(
-                        self.name, query, split_heads(key[:, image], heads), unit + image
+                        self.name, query, split_heads(per_image[:, image], heads), unit + image
                     )
-            unit += state.shape[1] if state.ndim == 4 else 1
+            unit += images
         self.session.saw_units(unit)
 
     def _masks(self, hidden_states: torch.Tensor, ip_states: list[torch.Tensor]):
@@ -233,6 +250,7 @@ class DiffusersMonkey:
         self.hooks.add(
             TorchHook(lambda: unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
         )
+        self.processors: list[AttrPatch] = []
         for name, attn in ip_attention_modules(unet).items():
             layer = f"{name}"
             patch = AttrPatch(
@@ -244,6 +262,7 @@ class DiffusersMonkey:
                 setter=attn.set_processor,
             )
             self.hooks.add(patch)
+            self.processors.append(patch)
             if layer in session.source_layers:
                 self.hooks.add(
                     TorchHook(
@@ -260,6 +279,14 @@ class DiffusersMonkey:
                             ].register_forward_hook(p.wrapper.capture(n))
                         )
                     )
+
+    def zero_weight_layers(self) -> set[str]:
+        """Source layers that recorded from keys projected here: the adapter's scale there was 0."""
+        return {
+            patch.wrapper.name
+            for patch in self.processors
+            if patch.wrapper is not None and patch.wrapper.zero_weight
+        }
 
     def _on_unet_call(self, _module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]

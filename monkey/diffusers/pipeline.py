@@ -1,8 +1,8 @@
 """MONKEY's two passes on a diffusers Stable Diffusion (XL) pipeline, txt2img or img2img.
 
 The pipeline is called twice exactly as the user would call it, with the UNet host
-(``hooks.py``) hooked for the call: pass 1 on its own shorter schedule, stopped
-through the pipeline's own ``interrupt`` right after its last recorded step; pass 2 from the same
+(``hooks.py``) hooked for the call: pass 1 on its own shorter schedule, stopped right after
+its last recorded step (``stop.py``); pass 2 from the same
 noise (every generator is put back to the state it had before pass 1). Steps are the pipeline's
 sampler steps, read off the scheduler's timesteps, so second-order schedulers (Heun, DPM2,
 DPM-SDE) and PLMS place each UNet evaluation in its step. The user's ``callback_on_step_end``
@@ -28,11 +28,12 @@ from ..layers import source_layers
 from ..maskset import MaskSet
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
-from ..status import schedule_text, status
+from ..status import schedule_text, silent_text, status
 from ..steps import pass1_length
 from ..twopass import run_two_pass
 from .hooks import DiffusersMonkey, ip_attention_modules
 from .schedule import first_pass_steps
+from .stop import freeze_after_stop
 
 logger = logging.getLogger("monkey")
 
@@ -272,7 +273,7 @@ class PipelineRun:
     # -- the hooks ------------------------------------------------------------------------------
 
     def _on_unet_call(self, _module, args, kwargs) -> None:
-        if not self.session.active:
+        if not self.session.active or self.stopped:
             return
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -289,6 +290,8 @@ class PipelineRun:
         self.session.begin_step(self.clock.step_at(float(level)), self.clock.total)
 
     def _on_step_end(self, pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        if self.stopped:  # a loop that ignores the interrupt: its skipped iterations, unseen
+            return {}
         out = {}
         if self.user_callback is not None:
             out = self.user_callback(pipe, index, timestep, tensors) or {}
@@ -317,15 +320,20 @@ class PipelineRun:
             gen.set_state(state)
 
     def sample(self, phase: Phase) -> Any:
+        """One pipeline run. Pass 1 ends after its last recorded step through the pipeline's
+        own ``interrupt``, and where its loop ignores that, through ``stop.freeze_after_stop``."""
         self.phase, self.clock, self.stopped = phase, None, False
         self.reset_noise()
         kwargs = dict(self.kwargs, callback_on_step_end=self._on_step_end, return_dict=True)
+        scoped = HookSet()
         if phase is Phase.RECORD:
             kwargs["num_inference_steps"] = self.first_steps
+            scoped.add(freeze_after_stop(self.pipe, lambda: self.stopped))
         if isinstance(kwargs.get("latents"), torch.Tensor):
             kwargs["latents"] = kwargs["latents"].clone()
         try:
-            return self.pipe(**kwargs)
+            with scoped:
+                return self.pipe(**kwargs)
         finally:
             if self.stopped:
                 self.pipe._interrupt = False
@@ -349,7 +357,8 @@ class PipelineRun:
         latent_hw = masks.latent_hw or (size[1] // scale, size[0] // scale)
         tokens = self.session.recorder.token_count if self.session.recorder.has_data else None
         schedule = schedule_text(self.session)
-        notes = "".join(f"; {note}" for note in self.notes)
+        notes = silent_text(self.monkey.zero_weight_layers())
+        notes += "".join(f"; {note}" for note in self.notes)
         statuses = [
             status(result.masks, image, reason, tokens) + schedule + notes
             for image in range(self.n_images)

@@ -31,6 +31,9 @@ SECTION = ("monkey", "MONKEY")
 LAYER_CHOICES = ["default", *dict.fromkeys([*SD1.names(), *SDXL.names()])]
 TOKEN_CHOICES = [DEFAULT, AUTO, *(str(i) for i in range(16))]
 RECORD_STEPS_CHOICES = [ALL, *(str(i) for i in range(1, 9))]
+PASS1_STEPS_CHOICES = ["0.5", "1.0", "0.25", "0.75", *(str(i) for i in (4, 6, 8, 10, 15, 20))]
+"""Fractions are written with a decimal point and step counts without, as infotext writes them;
+the value alone tells them apart (see ``args.Pass1Steps``)."""
 
 
 def ui_value(name: str, value: Any) -> Any:
@@ -41,6 +44,8 @@ def ui_value(name: str, value: Any) -> Any:
         return ", ".join(str(v) for v in value)
     if name in ("token", "record_steps"):
         return str(value)
+    if name == "pass1_steps":  # 0.5 and 1.0 as fractions, 4 as a step count
+        return repr(value) if isinstance(value, float) else str(value)
     return value
 
 
@@ -101,7 +106,11 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
                     "mask_mode", "Mask mode (per_unit: one subject per unit)", MASK_MODES
                 )
             with gr.Row():
-                c["pass1_steps"] = slider("pass1_steps", "Pass 1 steps (fraction)")
+                c["pass1_steps"] = choose(
+                    "pass1_steps",
+                    "Pass 1 steps (fraction, or a step count ≥ 4)",
+                    PASS1_STEPS_CHOICES,
+                )
                 c["record_start"] = slider("record_start", "Record from")
                 c["record_end"] = slider("record_end", "Record until")
                 c["record_steps"] = choose("record_steps", "Recorded steps", RECORD_STEPS_CHOICES)
@@ -220,7 +229,8 @@ def add_xyz_axes() -> None:
         ("Layer", "layers", str, lambda: list(LAYER_CHOICES)),
         ("Attention scale", "attention_scale", str, lambda: list(ATTENTION_SCALES)),
         ("Recorded steps", "record_steps", str, lambda: list(RECORD_STEPS_CHOICES)),
-        ("Pass 1 steps", "pass1_steps", float, None),
+        # str, not float: a float axis would show the step count 4 as "4.0"
+        ("Pass 1 steps", "pass1_steps", str, lambda: list(PASS1_STEPS_CHOICES)),
         ("Mask mode", "mask_mode", str, lambda: list(MASK_MODES)),
     ]
     xyz.axis_options.extend(
