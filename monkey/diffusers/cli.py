@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings(parser: argparse.ArgumentParser) -> None:
+SWEEP = "threshold"
+"""The setting ``generate`` sweeps when given several values: one pass 1, a pass 2 per value."""
+
+
+def add_settings(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
     group = parser.add_argument_group("MONKEY settings (defaults as in the WebUI)")
     defaults = MonkeyArgs()
     for name in A.names():
@@ -46,12 +51,20 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
         shown = (
             (", ".join(map(str, default)) or "default") if isinstance(default, tuple) else default
         )
+        several = sweep and name == SWEEP
         group.add_argument(
             flag(name),
             dest=f"monkey_{name}",
             default=None,
             metavar="VALUE",
-            help=f"{spec.help} Allowed: {spec.allowed}. Default: {shown}.",
+            nargs="+" if several else None,
+            help=f"{spec.help} Allowed: {spec.allowed}. Default: {shown}."
+            + (
+                " Several values: pass 1 runs once, pass 2 once per value (its kept maps "
+                "reused), and the sheet shows every value's image and mask."
+                if several
+                else ""
+            ),
         )
 
 
@@ -106,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--name", default="monkey", help="file name prefix")
     gen.add_argument("--no-plain", action="store_true", help="skip the plain IP-Adapter image")
     add_sampling(gen, steps=30, size=None)
-    add_settings(gen)
+    add_settings(gen, sweep=True)
     gen.set_defaults(run=run_generate)
 
     ev = commands.add_parser(
@@ -128,7 +141,10 @@ def run_generate(options: argparse.Namespace) -> int:
     from .pipeline import monkey_generate
     from .sheet import png_info, save_png, sheet
 
+    sweep = getattr(options, f"monkey_{SWEEP}") or [None]
+    setattr(options, f"monkey_{SWEEP}", sweep[0])
     settings = settings_from(options)
+    sweep = [A.parse_field(SWEEP, value) for value in sweep] if sweep[0] is not None else [None]
     references = [open_image(path, "--image") for path in options.image]
     if len(references) != len(options.ip_adapter):
         raise MonkeyCliError(
@@ -153,9 +169,20 @@ def run_generate(options: argparse.Namespace) -> int:
             plain = pipe(
                 **kwargs, generator=generator(), callback_on_step_end=progress.callback("plain")
             ).images
-        out = monkey_generate(pipe, settings, progress=progress, **kwargs, generator=generator())
+        outs = []
+        for value in sweep:  # the first runs pass 1; the others reuse its kept maps
+            tuned = settings if value is None else replace(settings, **{SWEEP: value})
+            reuse = outs[0] if outs else None
+            outs.append(
+                monkey_generate(
+                    pipe, tuned, progress=progress, reuse=reuse, **kwargs, generator=generator()
+                )
+            )
     finally:
         progress.close()
+    if len(outs) > 1:
+        return _write_sweep(options, settings, sweep, outs, references, plain)
+    out = outs[0]
 
     params = run_params(options, settings)
     folder = Path(options.out)
@@ -179,6 +206,39 @@ def run_generate(options: argparse.Namespace) -> int:
         sys.stdout.write(f"{path}\n")
     for index, text in enumerate(out.statuses):
         logger.info("image %d: %s", index, text)
+    return 0
+
+
+def _write_sweep(options, settings, values, outs, references, plain) -> int:
+    """Each value's images and masks (``{name}-{image}-threshold{value}``) and one sheet: per
+    image, the reference, plain IP-Adapter, then each value's MONKEY image and mask."""
+    from .sheet import png_info, save_png, sheet
+
+    params = run_params(options, settings)
+    folder = Path(options.out)
+    written, rows = [], []
+    for index in range(len(outs[0].images)):
+        row = [references[0], plain[index] if plain else None]
+        for value, out in zip(values, outs, strict=True):
+            info = {**params, A.spec(SWEEP).label: value, A.STATUS_LABEL: out.statuses[index]}
+            stem = f"{options.name}-{index}-{SWEEP}{value}"
+            written.append(
+                save_png(out.images[index], folder / f"{stem}.png", png_info(options.prompt, info))
+            )
+            written.append(save_png(out.masks[index], folder / f"{stem}-mask.png"))
+            row += [out.images[index], out.masks[index]]
+        rows.append(row)
+    columns = ["reference", "plain IP-Adapter"]
+    for value in values:
+        columns += [f"MONKEY {SWEEP} {value}", "mask"]
+    grid = sheet(rows, outs[0].images[0].size, columns)
+    written.append(
+        save_png(grid, folder / f"{options.name}-sheet.png", png_info(options.prompt, params))
+    )
+    for path in written:
+        sys.stdout.write(f"{path}\n")
+    for value, out in zip(values, outs, strict=True):
+        logger.info("%s %s: %s", SWEEP, value, out.statuses[0])
     return 0
 
 
