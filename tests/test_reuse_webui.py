@@ -217,3 +217,21 @@ def test_changed_fields_are_exact_for_a_reused_generation(webui):
     run(webui, ON)
     _, tuned, _ = run(webui, dataclasses.replace(ON, threshold=0.9))
     assert "at threshold 0.90" in status_of(tuned)
+
+
+def test_forge_reuses_pass_one_pixel_identical_and_not_for_another_reference(webui):
+    from webui_run import make_forge_p
+
+    def forge_run(settings, **kwargs):
+        p = make_forge_p(webui, settings, **{**SIZE, **kwargs})
+        return p, generate(webui, p)
+
+    forge_run(ON)
+    p_reused, reused = forge_run(with_fields(ON, **TUNED))
+    other = forge_run(with_fields(ON, **TUNED), units=[{"seed": 8}])[1]
+    set_reuse(webui, False)
+    p_fresh, fresh = forge_run(with_fields(ON, **TUNED))
+    assert not webui.errors, webui.errors
+    assert "pass 1 reused" in status_of(reused) and "pass 1 reused" not in status_of(other)
+    assert "pass 1 reused" not in status_of(fresh)
+    assert torch.equal(latents(p_reused), latents(p_fresh))
