@@ -51,7 +51,10 @@ class Component:
         return False
 
     def change(self, *args, **kwargs):
-        pass
+        self.__dict__.setdefault("changes", []).append((args, kwargs))
+
+    def click(self, *args, **kwargs):
+        self.__dict__.setdefault("clicks", []).append((args, kwargs))
 
 
 class Slider(Component):
@@ -87,6 +90,8 @@ def make_gradio() -> types.ModuleType:
         "Accordion",
         "Group",
         "Blocks",
+        "Image",
+        "Button",
     ):
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}

@@ -24,7 +24,7 @@ from ..args import (
 from ..kept import DEFAULT_CAPACITY
 from ..layers import SD1, SDXL
 from ..version import __version__
-from . import api, options, run
+from . import api, options, preview, run
 
 logger = logging.getLogger("monkey")
 
@@ -124,6 +124,7 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
             c["preview"] = check("preview", "Show masks")
             c["preview_pass1"] = check("preview_pass1", "Show pass 1")
             c["save_masks"] = check("save_masks", "Save masks")
+        preview.build(c, eid("mask_preview"))
         hints = {eid(name): spec(name).help for name in names()}
         gr.HTML(
             f'<div class="monkey-hints" style="display:none" data-version="{__version__}" '
