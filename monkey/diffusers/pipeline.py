@@ -207,8 +207,6 @@ class PipelineRun:
     def _on_unet_call(self, _module, args, kwargs) -> None:
         if not self.session.active:
             return
-        if self.phase is Phase.RECORD and self.session.pass_id is None:
-            self._identify(args, kwargs)
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         if self.clock is None:
@@ -222,6 +220,8 @@ class PipelineRun:
             self.clock = loop_clock(self.pipe)
         level = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
         self.session.begin_step(self.clock.step_at(float(level)), self.clock.total)
+        if self.phase is Phase.RECORD and self.session.pass_id is None:
+            self._identify(args, kwargs)
 
     def _identify(self, args: tuple, kwargs: dict) -> None:
         """Pass 1's first UNet call, before it runs: fingerprint it; reusing the offered kept
