@@ -10,7 +10,9 @@ settings (default: the paper's schedule). Repeats are interleaved; medians are p
 * total / step-count ratio: the overhead above the method's physical limit (target <= 1.03);
 * pass-1 and pass-2 per-step time / plain per-step time (pass 2's IP-off steps skip the image
   attention, so it can be below 1);
-* extra peak memory per image (CUDA: allocator peak; CPU: live tensors, one run).
+* extra peak memory per image (CUDA: allocator peak; CPU: live tensors, one run);
+* reuse: a generation whose pass 1 is kept (only the threshold changed) / plain, fingerprint
+  included (target <= 1.03), and the kept maps' bytes per image.
 
 CPU (default): reduced widths and sizes. GPU: ``--device cuda --full-size`` (fp16, SD1.5 at
 512 px, SDXL at 1024 px, 30 steps).
@@ -37,7 +39,9 @@ from ip_unets import Model, build  # noqa: E402
 
 from monkey.args import MonkeyArgs, parse_field  # noqa: E402
 from monkey.diffusers.hooks import DiffusersMonkey  # noqa: E402
+from monkey.fingerprint import Fingerprint, record_settings  # noqa: E402
 from monkey.hooks import HookSet, TorchHook  # noqa: E402
+from monkey.kept import THUMBNAIL, MapStore  # noqa: E402
 from monkey.layers import source_layers  # noqa: E402
 from monkey.rows import RowLayout  # noqa: E402
 from monkey.session import MonkeySession, Phase  # noqa: E402
@@ -69,6 +73,8 @@ class Sampler:
         if model.image_embeds is not None:
             self.added["image_embeds"] = [model.image_embeds]
         self.rows = rows
+        self.identify = None
+        """Called at pass 1's first step with its latent and schedule (reuse: fingerprint)."""
 
     def __call__(self, steps: int, session: MonkeySession | None) -> tuple[torch.Tensor, int]:
         gen = torch.Generator().manual_seed(1234)
@@ -80,6 +86,8 @@ class Sampler:
         for i in range(steps):
             if session is not None:
                 session.begin_step(i, steps)
+                if i == 0 and session.phase is Phase.RECORD and self.identify is not None:
+                    self.identify(session, x, sigmas)
                 if session.should_stop():
                     break
             run += 1
@@ -113,7 +121,27 @@ def plain(sampler: Sampler, model: Model, steps: int, device) -> Run:
     return Run(seconds, {"plain": seconds}, {"plain": steps})
 
 
-def monkey(sampler: Sampler, model: Model, steps: int, settings: MonkeyArgs, device) -> Run:
+def fingerprint(sampler: Sampler, model: Model, store: MapStore, reuse: bool):
+    """What the WebUI host fingerprints at pass 1's first denoiser call, here."""
+
+    def identify(session: MonkeySession, x: torch.Tensor, sigmas: list) -> None:
+        fp = Fingerprint()
+        fp.add("latent", x).add("conditioning", [sampler.context, sampler.added])
+        fp.add("schedule", sigmas).add("model", model.unet)
+        fp.add("monkey", record_settings(session.args))
+        session.identify(fp.finish(), store, reuse=reuse)
+
+    return identify
+
+
+def monkey(
+    sampler: Sampler,
+    model: Model,
+    steps: int,
+    settings: MonkeyArgs,
+    device,
+    store: MapStore | None = None,
+) -> Run:
     unet = model.unet
     if model.path == "controlnet":
         unet.controlnet_ip.new_generation(sampler.cond_mark)
@@ -147,9 +175,11 @@ def monkey(sampler: Sampler, model: Model, steps: int, settings: MonkeyArgs, dev
 
     sync(device)
     start = time.perf_counter()
-    result = run_two_pass(session, sample, reset_noise=lambda: None, hooks=hooks)
+    result = run_two_pass(session, sample, reset_noise=lambda: None, hooks=hooks, store=store)
     sync(device)
     total = time.perf_counter() - start
+    if store is not None and not result.reused:
+        monkey.kept_bytes = result.kept.nbytes
     if not result.masked:
         raise RuntimeError(f"MONKEY did not mask: {result.skipped_reason}")
     return Run(total, seconds, ran)
@@ -196,6 +226,25 @@ def bench(model_name: str, path: str, opts) -> None:
     extra -= peak_bytes(lambda: plain(sampler, model, opts.steps, device), device)
     extra_mb = max(0, extra) / opts.images / 2**20
     total, over = t_monkey / t_plain, t_monkey / t_plain / predicted
+    store = MapStore(4)
+    sampler.identify = fingerprint(sampler, model, store, reuse=True)
+    monkey(sampler, model, opts.steps, settings, device, store)  # keeps pass 1's maps
+    tuned = MonkeyArgs(enabled=True, pass1_steps=opts.pass1_steps, threshold=0.4)
+    reused = []
+    for _ in range(opts.repeats):  # interleaved with plain again, fingerprint included
+        reused.append(monkey(sampler, model, opts.steps, tuned, device, store).seconds)
+        runs["plain"].append(plain(sampler, model, opts.steps, device))
+    sampler.identify = None
+    t_plain_reuse = med([r.seconds for r in runs["plain"][-opts.repeats :]])
+    reuse_ratio = med(reused) / t_plain_reuse
+    kept_kb = monkey.kept_bytes / opts.images / 1024
+    thumb_kb = THUMBNAIL * THUMBNAIL * 3 / 1024
+    print(
+        f"{model_name:5} {path:10} {size:5}px  reuse: plain {t_plain_reuse:7.3f}s  "
+        f"MONKEY reusing pass 1 {med(reused):7.3f}s  {reuse_ratio:.3f}x "
+        f"{'OK' if reuse_ratio <= 1.03 else 'OVER'}  kept maps {kept_kb:.1f} kB/image "
+        f"(+ {thumb_kb:.0f} kB preview copy in the WebUI)"
+    )
     print(
         f"{model_name:5} {path:10} {size:5}px  plain {t_plain:7.3f}s  MONKEY {t_monkey:7.3f}s  "
         f"total {total:.3f}x  step-count {predicted:.3f}x  total/step-count {over:.3f} "

@@ -24,6 +24,8 @@ ALL = "all"
 INFOTEXT_PREFIX = "MONKEY"
 VERSION_LABEL = f"{INFOTEXT_PREFIX} version"
 STATUS_LABEL = f"{INFOTEXT_PREFIX} status"
+MAPS_LABEL = f"{INFOTEXT_PREFIX} maps"
+"""The id of a batch's kept pass-1 maps (``POST /monkey/v1/masks`` builds masks from it)."""
 
 Threshold = float | str
 """A binarisation threshold in [0, 1], or ``"auto"`` for Otsu's threshold of that image's map."""

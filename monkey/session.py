@@ -20,9 +20,11 @@ import torch
 
 from . import maskset
 from .args import PER_UNIT, MonkeyArgs, UnitThreshold
+from .fingerprint import PassOneId
+from .kept import KeptMaps, MapStore
 from .masks import row_weights
 from .maskset import MaskSet, UnitMasks
-from .recorder import MapRecorder
+from .recorder import MapRecorder, RecordedMaps
 from .rows import RowLayout, Rows, RowTracker
 from .steps import StepClock, StepPlan
 
@@ -104,6 +106,12 @@ class MonkeySession:
         """id of a cached weights tensor -> its value where it is the same everywhere (1 or 0)."""
         self._recording = False
         self._action = IPAction.PLAIN
+        self.pass_id: PassOneId | None = None
+        """Pass 1's fingerprint, once the host has told it (``identify``)."""
+        self.kept: KeptMaps | None = None
+        """The kept maps this batch reuses in place of its pass 1 (None: pass 1 records)."""
+        self.missed: list[str] = []
+        """Fingerprint parts that differed from the kept maps offered by the caller."""
 
     # -- clock ----------------------------------------------------------------------------------
 
@@ -161,10 +169,80 @@ class MonkeySession:
         return self.rows.chunks(kinds, chunk, latent_hw)
 
     def should_stop(self) -> bool:
-        """Pass 1 has recorded and passed its window: the host may end it here."""
+        """Pass 1 has recorded and passed its window, or reuses kept maps: the host may end it
+        here."""
+        if self.phase is not Phase.RECORD:
+            return False
+        if self.kept is not None:
+            return True
         last = self.plan.last_record
-        return (
-            self.phase is Phase.RECORD and self.has_data and last is not None and self.step > last
+        return self.has_data and last is not None and self.step > last
+
+    # -- kept maps ------------------------------------------------------------------------------
+
+    @property
+    def reused(self) -> bool:
+        return self.kept is not None
+
+    def identify(
+        self,
+        pass_id: PassOneId,
+        store: MapStore | None = None,
+        *,
+        reuse: bool = True,
+        offered: KeptMaps | None = None,
+    ) -> bool:
+        """Pass 1's fingerprint, told by the host at pass 1's first denoiser call (before the
+        UNet runs); with ``reuse``, kept maps of the same fingerprint (from ``store``, or the
+        ``offered`` ones) replace pass 1, which the host then ends (``should_stop``). True when
+        they do."""
+        self.pass_id = pass_id
+        if not reuse or self.phase is not Phase.RECORD:
+            return False
+        kept = offered if offered is not None else None
+        if kept is None and store is not None:
+            kept = store.get(pass_id.id)
+        if kept is None:
+            return False
+        if kept.id != pass_id.id:
+            self.missed = pass_id.changed(kept.pass_id)
+            return False
+        if kept.n_images != self.layout.n_images:
+            return False  # equal fingerprints cannot differ in images; a guard, not a case
+        self.kept = kept
+        self.saw_units(kept.units)
+        self._decide()
+        return True
+
+    @property
+    def token_count(self) -> int | None:
+        """The source unit's adapter's image-token count (None while nothing was recorded)."""
+        if self.kept is not None:
+            maps = self.kept.recorded.get(self.source_unit)
+            return maps.tokens if maps is not None else None
+        return self.recorder.token_count
+
+    def recorded(self) -> dict[int, RecordedMaps]:
+        """Each recording unit's maps: pass 1's, or the kept ones it reuses."""
+        if self.kept is not None:
+            return dict(self.kept.recorded)
+        return {u: r.result() for u, r in sorted(self.recorders.items()) if r.has_data}
+
+    def keep(self) -> KeptMaps | None:
+        """What pass 1 recorded, to keep under its fingerprint (None: unidentified or nothing
+        recorded, or already kept)."""
+        if self.pass_id is None or self.kept is not None or not self.has_data:
+            return None
+        record = [plan for phase, plan in self.history if phase is Phase.RECORD]
+        return KeptMaps(
+            self.pass_id,
+            self.recorded(),
+            self.args,
+            self.units,
+            self.source_unit,
+            self.layout.n_images,
+            self.image_offset,
+            plan=record[-1] if record else None,
         )
 
     # -- units ----------------------------------------------------------------------------------
@@ -190,6 +268,8 @@ class MonkeySession:
 
     @property
     def has_data(self) -> bool:
+        if self.kept is not None:
+            return bool(self.kept.recorded)
         return any(recorder.has_data for recorder in self.recorders.values())
 
     def _recording_unit(self, unit: int | None) -> int | None:
@@ -231,7 +311,9 @@ class MonkeySession:
 
     def _decide(self) -> None:
         """This step's decisions, made once per denoiser call: every layer asks for them."""
-        self._recording = self.phase is Phase.RECORD and self.step in self.plan.record
+        self._recording = (
+            self.phase is Phase.RECORD and self.kept is None and self.step in self.plan.record
+        )
         if self.phase is not Phase.APPLY:
             self._action = IPAction.PLAIN
         elif self.step in self.plan.apply:
@@ -276,14 +358,14 @@ class MonkeySession:
 
     def build_masks(self) -> MaskSet | UnitMasks:
         """``shared``: one ``MaskSet`` from the source unit; ``per_unit``: ``UnitMasks``."""
+        recorded = self.recorded()
         if self.per_unit:
-            recorded = {u: r.result() for u, r in sorted(self.recorders.items()) if r.has_data}
             self.masks = maskset.build_units(
                 recorded, self.units, self.layout.n_images, self.args, self.image_offset
             )
-        elif self.recorder.has_data:
+        elif self.source_unit in recorded:
             self.masks = maskset.build(
-                self.recorder.result(), self.args, self.image_offset, self.source_unit
+                recorded[self.source_unit], self.args, self.image_offset, self.source_unit
             )
         else:
             self.masks = MaskSet.full(self.layout.n_images)

@@ -48,7 +48,11 @@ def schedule_text(session: MonkeySession) -> str:
     on its own schedule."""
     parts = []
     for phase, plan in session.history:
-        if phase is Phase.RECORD:
+        if phase is Phase.RECORD and session.reused:  # its plan is the kept pass 1's
+            parts.append(
+                f"pass 1 reused (recorded steps {steps_text(plan.record)} of {plan.total})"
+            )
+        elif phase is Phase.RECORD:
             parts.append(f"recorded steps {steps_text(plan.record)} of {plan.total}")
         elif phase is Phase.APPLY:
             where = "hires pass masked" if parts and parts[-1].startswith("masked") else "masked"

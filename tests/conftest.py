@@ -90,6 +90,9 @@ def webui(monkeypatch):
     loaded from ``scripts/`` as the WebUI loads it; everything is undone after the test."""
     from fake_webui import WebUI, make_modules
 
+    from monkey.kept import STORE
+
+    STORE.clear()  # a server's kept maps: each test starts as a freshly started WebUI
     errors, saved = [], []
     modules = make_modules(errors, saved)
     for name, module in modules.items():
@@ -105,3 +108,4 @@ def webui(monkeypatch):
     from monkey.webui import run
 
     run.unload()
+    STORE.clear()

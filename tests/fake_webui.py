@@ -16,6 +16,7 @@ import math
 import re
 import sys
 import types
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,10 @@ class Component:
         return False
 
     def change(self, *args, **kwargs):
-        pass
+        self.__dict__.setdefault("changes", []).append((args, kwargs))
+
+    def click(self, *args, **kwargs):
+        self.__dict__.setdefault("clicks", []).append((args, kwargs))
 
 
 class Slider(Component):
@@ -86,6 +90,8 @@ def make_gradio() -> types.ModuleType:
         "Accordion",
         "Group",
         "Blocks",
+        "Image",
+        "Button",
     ):
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
@@ -589,6 +595,31 @@ def parse_generation_parameters(text: str) -> dict:
     return result
 
 
+DEFAULT_PROMPT = "a dog on the beach"
+
+
+@dataclass
+class ExtraNetworkParams:
+    items: list
+
+
+LORA = re.compile(r"<lora:([^:>]+):([0-9.]+)>")
+
+
+def activate_networks(p) -> None:
+    """``extra_networks.activate``: a ``<lora:name:w>`` scales some UNet weights (once per
+    model: the Lora extension leaves them applied) and the text encoder's output."""
+    unet = p.sd_model.model.diffusion_model
+    for params in p.extra_network_data.get("lora", []):
+        weight = float(params.items[1])
+        p.te_multiplier += weight
+        if getattr(unet, "_fake_lora", None) != params.items:
+            with torch.no_grad():
+                for parameter in list(unet.parameters())[:4]:
+                    parameter.mul_(1 + 0.05 * weight)
+            unet._fake_lora = list(params.items)
+
+
 class StableDiffusionProcessingTxt2Img:
     sampler_class = Sampler
 
@@ -598,7 +629,8 @@ class StableDiffusionProcessingTxt2Img:
         sd_model,
         scripts,
         script_args,
-        prompt="a dog on the beach",
+        prompt=DEFAULT_PROMPT,
+        negative_prompt="",
         seed=1,
         batch_size=1,
         n_iter=1,
@@ -630,6 +662,9 @@ class StableDiffusionProcessingTxt2Img:
             denoising_strength,
         )
         self.and_prompts = and_prompts
+        self.negative_prompt = negative_prompt
+        self.extra_network_data: dict = {}
+        self.te_multiplier = 0.0
         self.extra_generation_params, self.comments = {}, {}
         self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = 0.0, 0, 0
         self.firstpass_image, self.refiner_checkpoint, self.is_hr_pass = None, None, False
@@ -645,12 +680,18 @@ class StableDiffusionProcessingTxt2Img:
         return not self.do_not_save_samples
 
     def setup_conds(self):
-        gen = torch.Generator().manual_seed(99)
-        text = torch.randn(5, CONTEXT_DIM, generator=gen)
+        def encode(prompt):  # each prompt its own tensor; the default one as it always was
+            seed = 99 if prompt == DEFAULT_PROMPT else zlib.crc32(prompt.encode())
+            text = torch.randn(5, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed))
+            return text * (1 + 0.01 * self.te_multiplier)  # a LoRA's text-encoder part
+
         self.c = MulticondLearnedConditioning(
-            [[text + 0.1 * k for k in range(self.and_prompts)] for _ in self.prompts]
+            [[encode(prompt) + 0.1 * k for k in range(self.and_prompts)] for prompt in self.prompts]
         )
-        self.uc = Uncond([torch.zeros(5, CONTEXT_DIM) for _ in self.prompts])
+        negative = encode(self.negative_prompt) if self.negative_prompt else None
+        self.uc = Uncond(
+            [torch.zeros(5, CONTEXT_DIM) if negative is None else negative for _ in self.prompts]
+        )
         self.hr_c, self.hr_uc = self.c, self.uc
 
     def sample(
@@ -724,7 +765,10 @@ def process_images(p) -> Processed:
     total = p.n_iter * p.batch_size
     p.all_seeds = [p.seed + i for i in range(total)]
     p.all_subseeds = [0] * total
-    p.all_prompts = [p.prompt] * total
+    p.extra_network_data = {
+        "lora": [ExtraNetworkParams([name, w]) for name, w in LORA.findall(p.prompt)]
+    }
+    p.all_prompts = [LORA.sub("", p.prompt).strip()] * total
     p.scripts.process(p)
     if state.job_count == -1:
         state.job_count = p.n_iter * (2 if getattr(p, "enable_hr", False) else 1)
@@ -749,6 +793,8 @@ def process_images(p) -> Processed:
         p.scripts.before_process_batch(
             p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds
         )
+        p.te_multiplier = 0.0
+        activate_networks(p)
         p.scripts.process_batch(
             p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds
         )

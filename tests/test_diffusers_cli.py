@@ -247,3 +247,33 @@ def exit_code(arguments: list[str]) -> int:
         return exit_info.code
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped the command as a traceback")
+
+
+def test_a_threshold_sweep_runs_pass_one_once_and_writes_every_value(
+    files, tmp_path, capsys, monkeypatch
+):
+    from monkey.diffusers import pipeline
+
+    runs = []
+    real = pipeline.monkey_generate
+
+    def spy(pipe, settings, **kwargs):
+        out = real(pipe, settings, **kwargs)
+        runs.append((settings.threshold, out.reused))
+        return out
+
+    monkeypatch.setattr(pipeline, "monkey_generate", spy)
+    values = ["0.3", "0.4", "0.5", "0.6"]
+    assert main(argv(files, tmp_path, "--no-plain", "--threshold", *values)) == 0
+    assert runs == [(0.3, False), (0.4, True), (0.5, True), (0.6, True)]
+    written = capsys.readouterr().out.split()
+    for value in values:
+        assert str(tmp_path / f"monkey-0-threshold{value}.png") in written
+        mask = Image.open(tmp_path / f"monkey-0-threshold{value}-mask.png")
+        assert mask.size == (SIZE, SIZE)
+    masks = [np.array(Image.open(tmp_path / f"monkey-0-threshold{v}-mask.png")) for v in values]
+    assert masks[0].mean() >= masks[-1].mean()  # a higher threshold keeps less
+    grid = Image.open(tmp_path / "monkey-sheet.png")
+    assert grid.width == max(SIZE, MIN_CELL_WIDTH) * (2 + 2 * len(values))
+    info = Image.open(tmp_path / "monkey-0-threshold0.4.png").text
+    assert info["MONKEY threshold"] == "0.4" and "pass 1 reused" in info["MONKEY status"]

@@ -42,6 +42,7 @@ def make_p(
     monkey: bool = True,
     img2img: bool = False,
     script_args: list | None = None,
+    init_seed: int = 5,
     forge: bool = False,
     **kwargs: Any,
 ):
@@ -80,7 +81,7 @@ def make_p(
         )
     )
     if img2img:
-        gen = torch.Generator().manual_seed(5)
+        gen = torch.Generator().manual_seed(init_seed)
         size = (kwargs.get("height", 64) // 8, kwargs.get("width", 64) // 8)
         init = torch.randn(kwargs.get("batch_size", 1), 4, *size, generator=gen)
         p = img2img_class(

@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings(parser: argparse.ArgumentParser) -> None:
+SWEEP = "threshold"
+"""The setting ``generate`` sweeps when given several values: one pass 1, a pass 2 per value."""
+
+
+def add_settings(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
     group = parser.add_argument_group("MONKEY settings (defaults as in the WebUI)")
     defaults = MonkeyArgs()
     for name in A.names():
@@ -54,12 +59,20 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
         shown = (
             (", ".join(map(str, default)) or "default") if isinstance(default, tuple) else default
         )
+        several = sweep and name == SWEEP
         group.add_argument(
             flag(name),
             dest=f"monkey_{name}",
             default=None,
             metavar="VALUE",
-            help=f"{spec.help} Allowed: {spec.allowed}. Default: {shown}.",
+            nargs="+" if several else None,
+            help=f"{spec.help} Allowed: {spec.allowed}. Default: {shown}."
+            + (
+                " Several values: pass 1 runs once, pass 2 once per value (its kept maps "
+                "reused), and the sheet shows every value's image and mask."
+                if several
+                else ""
+            ),
         )
 
 
@@ -131,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--no-plain", action="store_true", help="skip the plain IP-Adapter image")
     add_sampling(gen, steps=30, size=None)
-    add_settings(gen)
+    add_settings(gen, sweep=True)
     gen.set_defaults(run=run_generate)
 
     ev = commands.add_parser(
@@ -148,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OUTPUT = r"-(?:\d+(?:-mask|-pass1|-plain)?|sheet)\.png"
+OUTPUT = r"-(?:\d+(?:-threshold[\d.]+)?(?:-mask|-pass1|-plain)?|sheet)\.png"
 """What ``generate`` writes after ``--name``: ``-<i>.png``, ``-<i>-mask.png`` ... ``-sheet.png``."""
 
 
@@ -206,12 +219,23 @@ def init_image(options: argparse.Namespace) -> Any:
     return image
 
 
+def sweep_values(options: argparse.Namespace) -> list:
+    """The values of a ``--threshold`` given several times over (``[None]`` for none); the
+    settings keep the first, so that they check and record as one run's."""
+    given = getattr(options, f"monkey_{SWEEP}") or [None]
+    setattr(options, f"monkey_{SWEEP}", given[0])
+    if given[0] is None:
+        return [None]
+    return [A.parse_field(SWEEP, value) for value in given]
+
+
 def run_generate(options: argparse.Namespace) -> int:
+    sweep = sweep_values(options)
     settings, references, init = check_generate(options)
     import torch
 
     from .pipeline import monkey_generate
-    from .sheet import png_info, save_png, sheet
+    from .sheet import COLUMNS, png_info, save_png, sheet
 
     resolve_device(options)
     pipe = open_pipeline(options, img2img=init is not None)
@@ -233,38 +257,60 @@ def run_generate(options: argparse.Namespace) -> int:
             plain = pipe(
                 **kwargs, generator=generator(), callback_on_step_end=progress.callback("plain")
             ).images
-        out = monkey_generate(pipe, settings, progress=progress, **kwargs, generator=generator())
+        outs = []
+        for value in sweep:  # the first runs pass 1; the others reuse its kept maps
+            tuned = settings if value is None else replace(settings, **{SWEEP: value})
+            reuse = outs[0] if outs else None
+            outs.append(
+                monkey_generate(
+                    pipe, tuned, progress=progress, reuse=reuse, **kwargs, generator=generator()
+                )
+            )
     finally:
         progress.close()
 
-    params = run_params(options, settings, pipe, out.images[0].size)
+    params = run_params(options, settings, pipe, outs[0].images[0].size)
     folder = Path(options.out)
     for path in earlier_outputs(folder, options.name):  # only with --overwrite (checked)
         path.unlink()
 
-    def info(image: str, status: str | None = None) -> Any:
+    def info(image: str, status: str | None = None, value: Any = None) -> Any:
         extra = {"Image": image} | ({A.STATUS_LABEL: status} if status else {})
+        if value is not None:
+            extra[A.spec(SWEEP).label] = value
         return png_info(options.prompt, {**params, **extra})
 
     written = []
     rows = []
-    for index, image in enumerate(out.images):
-        status = out.statuses[index]
-        files = [("", image, "MONKEY", status), ("-mask", out.masks[index], "mask", status)]
-        if out.first_images is not None:
-            files.append(("-pass1", out.first_images[index], "MONKEY pass 1", status))
+    for index in range(len(outs[0].images)):
+        row = [references[0], plain[index] if plain else None]
+        for value, out in zip(sweep, outs, strict=True):
+            status = out.statuses[index]
+            stem = f"{options.name}-{index}" + ("" if value is None else f"-{SWEEP}{value}")
+            files = [("", out.images[index], "MONKEY"), ("-mask", out.masks[index], "mask")]
+            if out.first_images is not None and value is None:
+                files.append(("-pass1", out.first_images[index], "MONKEY pass 1"))
+            for suffix, picture, kind in files:
+                path = folder / f"{stem}{suffix}.png"
+                written.append(save_png(picture, path, info(kind, status, value)))
+            row += [out.images[index], out.masks[index]]
         if plain is not None:
-            files.append(("-plain", plain[index], "plain IP-Adapter", None))
-        for suffix, picture, kind, text in files:
-            path = folder / f"{options.name}-{index}{suffix}.png"
-            written.append(save_png(picture, path, info(kind, text)))
-        rows.append([references[0], plain[index] if plain else None, image, out.masks[index]])
-    grid = sheet(rows, out.images[0].size)
+            path = folder / f"{options.name}-{index}-plain.png"
+            written.append(save_png(plain[index], path, info("plain IP-Adapter")))
+        rows.append(row)
+    columns = list(COLUMNS)
+    if len(sweep) > 1:
+        columns = ["reference", "plain IP-Adapter"]
+        for value in sweep:
+            columns += [f"MONKEY {SWEEP} {value}", "mask"]
+    grid = sheet(rows, outs[0].images[0].size, columns)
     written.append(save_png(grid, folder / f"{options.name}-sheet.png", info("sheet")))
     for path in written:
         sys.stdout.write(f"{path}\n")
-    for index, text in enumerate(out.statuses):
-        logger.info("image %d: %s", index, text)
+    for value, out in zip(sweep, outs, strict=True):
+        for index, text in enumerate(out.statuses):
+            prefix = "" if value is None else f"{SWEEP} {value}, "
+            logger.info("%simage %d: %s", prefix, index, text)
     return 0
 
 

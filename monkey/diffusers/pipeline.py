@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from PIL import Image
 from .. import masks as M
 from ..args import MonkeyArgs
 from ..hooks import HookSet, TorchHook
+from ..kept import KeptMaps
 from ..layers import source_layers
 from ..maskset import MaskSet
 from ..rows import RowLayout
@@ -31,11 +32,15 @@ from ..session import MonkeySession, Phase
 from ..status import schedule_text, silent_text, status
 from ..steps import pass1_length
 from ..twopass import run_two_pass
+from . import fingerprint
+from .clock import LoopClock, loop_clock, loop_steps, runge_kutta_iterations
 from .hooks import DiffusersMonkey, ip_attention_modules
 from .schedule import first_pass_steps
 from .stop import freeze_after_stop
 
 logger = logging.getLogger("monkey")
+
+__all__ = ["LoopClock", "loop_steps", "monkey_generate", "runge_kutta_iterations"]
 
 Progress = Callable[[str, int, int], None]
 """``progress(pass_name, iterations_done, iterations_in_this_run)`` after every loop iteration."""
@@ -57,6 +62,11 @@ class MonkeyPipelineOutput:
     skipped_reason: str | None = None
     """Why pass 2 did not run or did not mask, if so."""
     output: Any = None
+    kept: KeptMaps | None = None
+    """Pass 1's maps under its fingerprint: pass ``reuse=`` this output (or this) to a call that
+    changes only mask settings, and it skips pass 1."""
+    reused: bool = False
+    """Pass 1 was not run: the kept maps handed in as ``reuse`` were."""
     """The pipeline's own output object of the final run (``nsfw_content_detected`` ...)."""
     settings: MonkeyArgs | None = None
 
@@ -67,81 +77,6 @@ def resolve_settings(settings: MonkeyArgs | Mapping[str, Any] | None) -> MonkeyA
     if isinstance(settings, MonkeyArgs):
         return settings
     return MonkeyArgs.from_dict(dict(settings or {}), MonkeyArgs(enabled=True))
-
-
-def loop_steps(timesteps: Sequence[float], order: int, runge_kutta: int = 0) -> list[int]:
-    """The sampler step of each iteration of a pipeline's denoising loop over ``timesteps``.
-
-    Second-order schedulers (``order == 2``: Heun, DPM2, DPM2 a, DPM-SDE) take two iterations a
-    step, their last step excepted: ``2n - 1`` timesteps for ``n`` steps. PNDM without
-    ``skip_prk_steps`` starts with ``runge_kutta`` iterations of four evaluations a step. Elsewhere
-    a timestep repeated at once is a step evaluated a second time at the next step's timestep
-    (PLMS's first step): the first of the two still belongs to the step before.
-    """
-    levels = [float(t) for t in timesteps]
-    if order == 2:
-        return [index // 2 for index in range(len(levels))]
-    warmup = min(runge_kutta, len(levels))
-    steps = [index // 4 for index in range(warmup)]
-    step = steps[-1] if steps else -1
-    for index in range(warmup, len(levels)):
-        level = levels[index]
-        repeated = index > warmup and level == levels[index - 1]
-        again = index + 1 < len(levels) and levels[index + 1] == level
-        if repeated or not (again and index > warmup):
-            step += 1
-        steps.append(step)
-    return steps
-
-
-def runge_kutta_iterations(scheduler: Any, begin: int) -> int:
-    """PNDM's Runge-Kutta warm-up iterations left in a loop that starts at ``begin``."""
-    prk = getattr(scheduler, "prk_timesteps", None)
-    if prk is None or getattr(scheduler.config, "skip_prk_steps", True):
-        return 0
-    return max(0, len(prk) - begin)
-
-
-class LoopClock:
-    """Places each UNet call of one pipeline run on its sampler step: the call's timestep is
-    matched to the next iteration of the loop that carries it (so calls skipped by an interrupt
-    and repeated timesteps are both placed right)."""
-
-    def __init__(self, timesteps: Sequence[float], order: int, runge_kutta: int = 0):
-        self.levels = [float(t) for t in timesteps]
-        if not self.levels:
-            raise ValueError("the pipeline's denoising loop has no timesteps")
-        self.steps = loop_steps(self.levels, order, runge_kutta)
-        self.total = self.steps[-1] + 1
-        self.next = 0
-
-    def step_at(self, level: float) -> int:
-        index = next(
-            (i for i in range(self.next, len(self.levels)) if _near(self.levels[i], level)),
-            min(self.next, len(self.levels) - 1),  # an unknown timestep: count the call
-        )
-        self.next = index + 1
-        return self.steps[index]
-
-    def peek(self) -> int | None:
-        """The step of the next iteration, None after the last."""
-        return self.steps[self.next] if self.next < len(self.levels) else None
-
-
-def _near(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-8)
-
-
-def loop_clock(pipe: Any) -> LoopClock:
-    """The clock of the loop the pipeline runs now: the scheduler's timesteps from the begin
-    index img2img sets, cut to the count the pipeline records (SDXL's ``denoising_end``)."""
-    scheduler = pipe.scheduler
-    begin = getattr(scheduler, "begin_index", None) or 0
-    timesteps = [float(t) for t in scheduler.timesteps[begin:]]
-    count = getattr(pipe, "_num_timesteps", None)
-    if isinstance(count, int) and count > 0:
-        timesteps = timesteps[:count]
-    return LoopClock(timesteps, scheduler.order, runge_kutta_iterations(scheduler, begin))
 
 
 def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
@@ -202,10 +137,16 @@ class PipelineRun:
     """One ``monkey_generate`` call: the session, its hooks and the state of each pipeline run."""
 
     def __init__(
-        self, pipe: Any, args: MonkeyArgs, kwargs: dict[str, Any], progress: Progress | None
+        self,
+        pipe: Any,
+        args: MonkeyArgs,
+        kwargs: dict[str, Any],
+        progress: Progress | None,
+        reuse: KeptMaps | None = None,
     ):
-        self.pipe, self.args, self.progress = pipe, args, progress
+        self.pipe, self.args, self.progress, self.offered = pipe, args, progress, reuse
         modules = ip_attention_modules(pipe.unet)
+        self.ip_scales = [list(m.processor.scale) for m in modules.values()]
         if not modules:
             raise ValueError(
                 "MONKEY needs an IP-Adapter: load one with pipe.load_ip_adapter(...) first"
@@ -288,6 +229,26 @@ class PipelineRun:
             self.clock = loop_clock(self.pipe)
         level = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
         self.session.begin_step(self.clock.step_at(float(level)), self.clock.total)
+        if self.phase is Phase.RECORD and self.session.pass_id is None:
+            self._identify(args, kwargs)
+
+    def _identify(self, args: tuple, kwargs: dict) -> None:
+        """Pass 1's first UNet call, before it runs: fingerprint it; reusing the offered kept
+        maps ends the pipeline call right here."""
+        pass_id = fingerprint.pass_one(
+            self.pipe,
+            self.session,
+            args,
+            kwargs,
+            call=self.kwargs,
+            generator_states=self.states,
+            ip_scales=self.ip_scales,
+        )
+        offered = self.offered
+        if self.session.identify(pass_id, offered=offered, reuse=offered is not None):
+            raise _PassOneReused
+        if self.session.missed:
+            self.notes.append(f"pass 1 ran: its {', '.join(self.session.missed)} changed")
 
     def _on_step_end(self, pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
         if self.stopped:  # a loop that ignores the interrupt: its skipped iterations, unseen
@@ -334,6 +295,8 @@ class PipelineRun:
         try:
             with scoped:
                 return self.pipe(**kwargs)
+        except _PassOneReused:
+            return None  # pass 1 ended before its first UNet call: kept maps replace it
         finally:
             if self.stopped:
                 self.pipe._interrupt = False
@@ -347,6 +310,7 @@ class PipelineRun:
             cancelled=lambda: self.interrupted,
             first_is_final=self.first_steps == self.steps,
         )
+        kept = result.kept
         final, first = result.samples, result.first
         size = _image_size(final.images)
         masks = result.masks
@@ -355,7 +319,7 @@ class PipelineRun:
             masks = MaskSet.full(self.n_images)
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         latent_hw = masks.latent_hw or (size[1] // scale, size[0] // scale)
-        tokens = self.session.recorder.token_count if self.session.recorder.has_data else None
+        tokens = self.session.token_count if self.session.has_data else None
         schedule = schedule_text(self.session)
         notes = silent_text(self.monkey.zero_weight_layers())
         notes += "".join(f"; {note}" for note in self.notes)
@@ -372,7 +336,24 @@ class PipelineRun:
             skipped_reason=reason,
             output=final,
             settings=self.args,
+            kept=kept,
+            reused=result.reused,
         )
+
+
+class _PassOneReused(Exception):  # noqa: N818 - a signal out of the pipeline call, never escapes
+    """Raised in pass 1's first UNet pre-hook when kept maps replace pass 1."""
+
+
+def _kept(reuse: Any) -> KeptMaps | None:
+    if reuse is None or isinstance(reuse, KeptMaps):
+        return reuse
+    kept = getattr(reuse, "kept", None)
+    if isinstance(reuse, MonkeyPipelineOutput):
+        return kept
+    raise TypeError(
+        f"reuse= takes a previous monkey_generate result (or its .kept), got {type(reuse).__name__}"
+    )
 
 
 def monkey_generate(
@@ -380,6 +361,7 @@ def monkey_generate(
     settings: MonkeyArgs | Mapping[str, Any] | None = None,
     *,
     progress: Progress | None = None,
+    reuse: MonkeyPipelineOutput | KeptMaps | None = None,
     **kwargs: Any,
 ) -> MonkeyPipelineOutput:
     """Run MONKEY on ``pipe`` (a Stable Diffusion or SDXL pipeline, txt2img or img2img, with an
@@ -389,6 +371,12 @@ def monkey_generate(
     ``settings``: MONKEY's settings (``monkey.args.MonkeyArgs`` or a dict of its named fields);
     None is MONKEY on at the WebUI's defaults. Pass a seeded ``generator`` for reproducible
     images: both passes start from its state at the call.
+
+    ``reuse``: a previous result (or its ``kept``). When this call's pass 1 would be exactly that
+    one's (same noise, prompt and IP-Adapter embeddings, IP scales, schedule, weights and LoRA
+    scales, call arguments, record settings: its fingerprint), pass 1 is skipped and the masks
+    come from its kept maps with this call's mask settings; the images equal a call without
+    ``reuse``. Otherwise pass 1 runs and the status says which of them changed.
     """
     args = resolve_settings(settings)
     if not args.enabled:
@@ -403,4 +391,4 @@ def monkey_generate(
             output=out,
             settings=args,
         )
-    return PipelineRun(pipe, args, kwargs, progress).run()
+    return PipelineRun(pipe, args, kwargs, progress, _kept(reuse)).run()

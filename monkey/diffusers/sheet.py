@@ -41,13 +41,17 @@ def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> Pat
     return path
 
 
-def sheet(rows: Sequence[Sequence[Image.Image | None]], cell: tuple[int, int]) -> Image.Image:
-    """One row per image, one column per ``COLUMNS`` entry, each cell fitted into ``cell``
+def sheet(
+    rows: Sequence[Sequence[Image.Image | None]],
+    cell: tuple[int, int],
+    columns: Sequence[str] = COLUMNS,
+) -> Image.Image:
+    """One row per image, one column per ``columns`` entry, each cell fitted into ``cell``
     (width, height) on white; a missing cell stays white."""
     width, height = max(cell[0], MIN_CELL_WIDTH), cell[1]
-    out = Image.new("RGB", (width * len(COLUMNS), LABEL_HEIGHT + height * len(rows)), "white")
+    out = Image.new("RGB", (width * len(columns), LABEL_HEIGHT + height * len(rows)), "white")
     draw = ImageDraw.Draw(out)
-    for column, name in enumerate(COLUMNS):
+    for column, name in enumerate(columns):
         draw.text((column * width + 2, 1), name, fill="black")
     for row, images in enumerate(rows):
         for column, image in enumerate(images):

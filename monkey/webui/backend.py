@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..fingerprint import Fingerprint
 from ..hooks import HookSet
 from ..session import MonkeySession
 
@@ -51,6 +52,12 @@ class IPBackend:
     def explain(self, p: Any, reason: str) -> str:
         """``reason`` pass 2 did not run, with what this backend adds to it."""
         return reason
+
+    def fingerprint(self, p: Any, batch: IPBatch, fp: Fingerprint) -> Any:
+        """Add what the backend's units make the UNet see in pass 1 (reference embeddings,
+        weights, start/end, other control) to ``fp``, and return the UNet module whose weights
+        the fingerprint samples; None: this backend cannot tell, so pass 1 is never reused."""
+        return None
 
 
 def find_script(p: Any, title: str) -> Any:

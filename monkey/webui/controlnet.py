@@ -29,6 +29,7 @@ import torch
 
 from .. import masks
 from ..attention import split_heads
+from ..fingerprint import Fingerprint
 from ..hooks import HookSet, ListItemPatch, TorchHook
 from ..rows import RowLayout
 from ..session import IPAction, MonkeySession
@@ -271,6 +272,14 @@ class ControlNetBackend(IPBackend):
         hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(_unet_call(session))))
         return ControlNetBatch(session, hooks, hacks, adapters)
 
+    def fingerprint(self, p: Any, batch: IPBatch, fp: Fingerprint) -> Any:
+        for adapter in getattr(batch, "adapters", []):
+            fp.add("ip-adapter", {name: getattr(adapter, name, None) for name in ADAPTER_FIELDS})
+        network = getattr(find_script(p, "controlnet"), "latest_network", None)
+        for param in getattr(network, "control_params", None) or []:
+            fp.add("controlnet", {name: getattr(param, name, None) for name in CONTROL_FIELDS})
+        return p.sd_model.model.diffusion_model
+
     def explain(self, p: Any, reason: str) -> str:
         if getattr(p, "sampler_name", None) == "DPM adaptive":
             return (
@@ -278,6 +287,36 @@ class ControlNetBackend(IPBackend):
                 "the sampler's adaptive steps pass the nominal step count"
             )
         return reason
+
+
+ADAPTER_FIELDS = (
+    "image_emb",
+    "weight",
+    "p_start",
+    "p_end",
+    "effective_region_mask",
+    "pulid_attn_setting",
+    "ipadapter",
+)
+"""What an IP-Adapter unit (``PlugableIPAdapter``) adds to the UNet's attention in pass 1: the
+reference's embeddings, the weight (per layer group), start/end, and the adapter's weights."""
+CONTROL_FIELDS = (
+    "control_model_type",
+    "control_model",
+    "hint_cond",
+    "weight",
+    "start_guidance_percent",
+    "stop_guidance_percent",
+    "advanced_weighting",
+    "soft_injection",
+    "cfg_injection",
+    "global_average_pooling",
+    "effective_region_mask",
+    "union_control_types",
+    "preprocessor",
+)
+"""What each ControlNet unit (``ControlParams``) hands the UNet in pass 1 (``hr_hint_cond`` is
+the hires pass's, pass 2 only)."""
 
 
 def _unet_call(session: MonkeySession) -> Callable:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import layers as layer_tables
 from ..args import PER_UNIT
+from ..fingerprint import Fingerprint
 from ..hooks import HookSet
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
@@ -125,6 +126,35 @@ class ForgeBatch(IPBatch):
         return None
 
 
+PATCH_FIELDS = (
+    "weights",
+    "ipadapters",
+    "conds",
+    "unconds",
+    "weight_type",
+    "masks",
+    "sigma_start",
+    "sigma_end",
+    "unfold_batch",
+    "embeds_scaling",
+)
+"""What an IP-Adapter attn2 patch (``CrossAttentionPatch``) adds to its layer, per unit."""
+
+
+def _lora_strengths(patcher: Any) -> list:
+    """The UNet patcher's weight patches (LoRA) by key and strength, not their tensors (hashing
+    a large LoRA's every weight per generation would cost more than it guards)."""
+    found = []
+    for name in ("patches", "lora_patches"):
+        patches = getattr(patcher, name, None)
+        if isinstance(patches, dict):
+            for key in sorted(patches, key=repr):
+                entries = patches[key] if isinstance(patches[key], (list, tuple)) else []
+                strengths = [e[0] for e in entries if isinstance(e, tuple) and e]
+                found.append([name, repr(key), [s for s in strengths if isinstance(s, float)]])
+    return found
+
+
 class ForgeBackend(IPBackend):
     def unavailable(self, p: Any) -> str | None:
         if find_script(p, "controlnet") is None:
@@ -160,6 +190,17 @@ class ForgeBackend(IPBackend):
         n_units = len(units) if units else source + 1
         session = run.new_session(p, list(family.names()), layout, units=n_units)
         return ForgeBatch(session, HookSet(), source)
+
+    def fingerprint(self, p: Any, batch: IPBatch, fp: Fingerprint) -> Any:
+        controlnet = find_script(p, "controlnet")
+        params = getattr(controlnet, "current_params", None)
+        if not isinstance(params, dict) or len(params) != len(ip_units(controlnet) or []):
+            return None  # other ControlNet units' inputs are not read here: never reuse
+        patcher = p.sd_model.forge_objects.unet
+        for key, patch in sorted(attn2_patches(patcher).items(), key=lambda item: repr(item[0])):
+            fp.add("ip-adapter", [repr(key), {n: getattr(patch, n, None) for n in PATCH_FIELDS}])
+        fp.add("networks", _lora_strengths(patcher))
+        return patcher.model.diffusion_model
 
 
 BACKEND = ForgeBackend()

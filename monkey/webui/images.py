@@ -63,6 +63,11 @@ def unit_overlay(generated: Image.Image, masks: UnitMasks, image: int) -> Image.
     return Image.fromarray(out.round().clamp(0, 255).to(torch.uint8).numpy())
 
 
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """``[H, W, 3]`` uint8."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+
+
 def samples_to_images(p: Any, samples: torch.Tensor) -> list[Image.Image]:
     """Decode latents with the WebUI's VAE path (pass 1 stops early: this is its x0 estimate)."""
     from modules import devices, processing

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..args import MonkeyArgs, MonkeyArgsError
+from ..kept import DEFAULT_CAPACITY
 
 XYZ_ATTR = "_monkey_xyz"
 """Settings forced per XYZ-plot cell: ``{field: value}`` on the processing object."""
@@ -21,6 +22,16 @@ def opts_defaults() -> MonkeyArgs:
         preview=data.get("monkey_preview", MonkeyArgs.preview),
         save_masks=data.get("monkey_save_masks", MonkeyArgs.save_masks),
     )
+
+
+def opts_keeping() -> tuple[int, bool]:
+    """Settings → MONKEY: how many batches' pass-1 maps are kept, and whether a generation
+    reuses kept ones in place of its pass 1."""
+    from modules import shared
+
+    data = shared.opts.data
+    capacity = int(data.get("monkey_kept_maps", DEFAULT_CAPACITY))
+    return capacity, bool(data.get("monkey_reuse_pass1", True))
 
 
 def settings_for(p: Any, script_args: tuple) -> tuple[MonkeyArgs, MonkeyArgsError | None]:

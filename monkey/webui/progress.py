@@ -14,12 +14,13 @@ PASS_TEXT = {
     Phase.IDLE: "MONKEY found nothing to mask: plain generation",
 }
 """What the progress line says during each pass."""
+REUSED_TEXT = "MONKEY pass 2 (pass 1 reused): masked IP-Adapter"
 
 
-def show_pass(phase: Phase) -> None:
+def show_pass(phase: Phase, reused: bool = False) -> None:
     from modules import shared
 
-    shared.state.textinfo = PASS_TEXT[phase]
+    shared.state.textinfo = REUSED_TEXT if reused and phase is Phase.APPLY else PASS_TEXT[phase]
 
 
 def end_pass_one() -> None:

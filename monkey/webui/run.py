@@ -22,19 +22,21 @@ from typing import Any
 
 from .. import layers as layer_tables
 from .. import status
-from ..args import STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
+from ..args import MAPS_LABEL, STATUS_LABEL, VERSION_LABEL, MonkeyArgs, MonkeyArgsError, labels
+from ..fingerprint import Fingerprint
 from ..hooks import AttrPatch, HookSet
+from ..kept import STORE, KeptMaps
 from ..maskset import MaskSet, UnitMasks
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase, resolve_source_unit
 from ..steps import pass1_length
 from ..twopass import TwoPassResult, run_two_pass
 from ..version import __version__
-from . import progress, schedule
+from . import fingerprint, progress, schedule
 from .backend import IPBackend, IPBatch
-from .images import previews_of, samples_to_images
+from .images import pil_to_tensor, previews_of, samples_to_images
 from .noise import reset_rng
-from .options import settings_for
+from .options import opts_keeping, settings_for
 
 logger = logging.getLogger("monkey")
 
@@ -50,6 +52,7 @@ class BatchOutcome:
     n_images: int
     masks: MaskSet | UnitMasks | None
     first_images: list = field(default_factory=list)
+    kept: KeptMaps | None = None
 
 
 class MonkeyRun:
@@ -64,6 +67,10 @@ class MonkeyRun:
         self.skip_reason: str | None = None
         self.batches: list[BatchOutcome] = []
         self.statuses: dict[int, str] = {}
+        self.map_ids: dict[int, str] = {}
+        """Per image of the generation, the id of its batch's kept pass-1 maps."""
+        self.keep, self.reuse = opts_keeping()
+        STORE.capacity = self.keep
         self._sample_patch: AttrPatch | None = None
         self._live: IPBatch | None = None
         """The batch that is sampling now: its session and the hooks that end with it."""
@@ -88,6 +95,12 @@ class MonkeyRun:
         if len(all_seeds) != len(getattr(p, "all_seeds", all_seeds)):  # per-batch infotext call
             index += getattr(p, "iteration", 0) * getattr(p, "batch_size", 1)
         return self.statuses.get(index)
+
+    def maps_text(self, p: Any, index: int, all_seeds: list, **_: Any) -> str | None:
+        """Per-image infotext value: the id of its kept maps (``POST /monkey/v1/masks``)."""
+        if len(all_seeds) != len(getattr(p, "all_seeds", all_seeds)):
+            index += getattr(p, "iteration", 0) * getattr(p, "batch_size", 1)
+        return self.map_ids.get(index)
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -125,7 +138,9 @@ class MonkeyRun:
         if batch is None:
             return original(*args, **kwargs)
         session, hooks = batch.session, batch.hooks
-        hooks.add(schedule.denoiser_callback(session))
+        hooks.add(
+            schedule.denoiser_callback(session, lambda params: self._identify(p, batch, params))
+        )
         LIVE_HOOKS.add(hooks)
         self._live = batch
         try:
@@ -136,12 +151,30 @@ class MonkeyRun:
                 hooks=hooks,
                 cancelled=progress.cancelled,
                 first_is_final=_pass_one_is_plain(p, self.settings),
+                store=STORE if self.keep else None,
             )
         finally:
             self._live = None
             LIVE_HOOKS.discard(hooks)
         self._record(p, batch, result)
         return result.samples
+
+    def _identify(self, p: Any, batch: IPBatch, params: Any) -> None:
+        """Pass 1's first denoiser call: fingerprint what the UNet is about to see, so that the
+        session reuses kept maps of the same fingerprint (reuse on) and keeps its own."""
+        session = batch.session
+        if not self.keep:
+            return
+        try:
+            fp = Fingerprint()
+            unet = self.backend.fingerprint(p, batch, fp)
+            if unet is None:
+                return
+            pass_id = fingerprint.pass_one(p, params, session, unet, fp)
+        except Exception:  # a fingerprint that cannot be taken costs reuse, not the image
+            logger.exception("MONKEY: cannot fingerprint pass 1; it runs")
+            return
+        session.identify(pass_id, STORE, reuse=self.reuse)
 
     def source_index(self, n_units: int) -> int:
         """The unit that records in mask mode ``shared`` (the session notes a missing one)."""
@@ -188,7 +221,7 @@ class MonkeyRun:
         patch.install()
 
     def _pass(self, p: Any, original: Callable, args: tuple, kwargs: dict, phase: Phase):
-        progress.show_pass(phase)
+        progress.show_pass(phase, self._live is not None and self._live.session.reused)
         if phase is not Phase.RECORD:
             return original(*args, **kwargs)
         steps = pass1_length(p.steps, self.settings.pass1_steps)
@@ -209,6 +242,10 @@ class MonkeyRun:
         reason = result.skipped_reason or batch.unmasked_reason()
         masks = result.masks if reason is None else None
         outcome = BatchOutcome(session.image_offset, n_images, masks)
+        if masks is not None and result.kept is not None:
+            outcome.kept = result.kept
+            for image in range(n_images):
+                self.map_ids[session.image_offset + image] = result.kept.id
         if masks is None:
             reason = self.backend.explain(p, reason)
             self.note(p, f"did not mask batch {getattr(p, 'iteration', 0) + 1}: {reason}")
@@ -222,7 +259,7 @@ class MonkeyRun:
             self.statuses[session.image_offset + image] = (
                 status.unit_status(masks, image)
                 if isinstance(masks, UnitMasks)
-                else status.status(masks, image, reason, session.recorder.token_count)
+                else status.status(masks, image, reason, session.token_count)
             ) + steps_text
         self.batches.append(outcome)
 
@@ -235,6 +272,8 @@ class MonkeyRun:
         previews, infotexts = [], []
         first = getattr(processed, "index_of_first_image", 0)
         for batch in self.batches:
+            if batch.kept is not None:
+                keep_images(batch.kept, processed.images[first + batch.offset :][: batch.n_images])
             for image in range(batch.n_images):
                 index = batch.offset + image
                 position = first + index
@@ -270,6 +309,13 @@ class MonkeyRun:
 # -- host glue ----------------------------------------------------------------------------------
 
 
+def keep_images(kept: KeptMaps, images: list) -> None:
+    """The generated images (small copies) and their size, for the preview and the API."""
+    if images:
+        kept.size = images[0].size
+        kept.keep_images([pil_to_tensor(image) for image in images])
+
+
 def _pass_one_is_plain(p: Any, settings: MonkeyArgs) -> bool:
     """Pass 1, run to its end, is the plain generation: same steps, and hires (if any) kept."""
     same_steps = pass1_length(p.steps, settings.pass1_steps) == p.steps
@@ -285,7 +331,7 @@ def _pass_one_skips_hires(p: Any) -> bool:
 
 
 def _our_keys() -> list[str]:
-    return [*labels().values(), VERSION_LABEL, STATUS_LABEL]
+    return [*labels().values(), VERSION_LABEL, STATUS_LABEL, MAPS_LABEL]
 
 
 def start(p: Any, script_args: tuple, backend: IPBackend) -> MonkeyRun | None:
@@ -304,6 +350,7 @@ def start(p: Any, script_args: tuple, backend: IPBackend) -> MonkeyRun | None:
     params.update(settings.to_infotext())
     params[VERSION_LABEL] = __version__
     params[STATUS_LABEL] = run.status_text
+    params[MAPS_LABEL] = run.maps_text
     reason = backend.unavailable(p)
     if reason is not None:
         run.skip(p, reason)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..hooks import CallbackHook
-from ..session import MonkeySession
+from ..session import MonkeySession, Phase
 from ..steps import StepClock
 
 STEP_END_EVALS = {"Heun": 1 << 30, "Restart": 1 << 30, "PLMS": 1}
@@ -70,7 +70,11 @@ def schedule_reader(func: Callable, sampler: Any, p: Any, session: MonkeySession
     return monkey_read_schedule
 
 
-def denoiser_callback(session: MonkeySession) -> CallbackHook:
+def denoiser_callback(
+    session: MonkeySession, identify: Callable[[Any], None] | None = None
+) -> CallbackHook:
+    """The step clock; at pass 1's first call (before the UNet runs) ``identify(params)``
+    fingerprints it, and pass 1 ends right there when its kept maps are reused."""
     from modules import script_callbacks, sd_samplers_common
 
     def on_cfg_denoiser(params) -> None:
@@ -83,6 +87,8 @@ def denoiser_callback(session: MonkeySession) -> CallbackHook:
             if step is None or not total:
                 step, total = params.sampling_step, params.total_sampling_steps
             session.begin_step(min(int(step), int(total) - 1), int(total))
+        if identify is not None and session.phase is Phase.RECORD and session.pass_id is None:
+            identify(params)
         if session.should_stop():
             raise sd_samplers_common.InterruptedException  # ends pass 1; launch_sampling catches it
 

@@ -21,9 +21,10 @@ from ..args import (
     parse_field,
     spec,
 )
+from ..kept import DEFAULT_CAPACITY
 from ..layers import SD1, SDXL
 from ..version import __version__
-from . import options, run
+from . import api, options, preview, run
 
 logger = logging.getLogger("monkey")
 
@@ -129,6 +130,7 @@ def _components(script: Any, defaults: MonkeyArgs) -> dict[str, Any]:
             c["preview"] = check("preview", "Show masks")
             c["preview_pass1"] = check("preview_pass1", "Show pass 1")
             c["save_masks"] = check("save_masks", "Save masks")
+        preview.build(c, eid("mask_preview"))
         hints = {eid(name): spec(name).help for name in names()}
         gr.HTML(
             f'<div class="monkey-hints" style="display:none" data-version="{__version__}" '
@@ -189,6 +191,20 @@ def on_ui_settings() -> None:
         "monkey_save_masks": shared.OptionInfo(
             defaults.save_masks,
             "Save masks next to the images by default (-monkey-mask suffix)",
+            section=SECTION,
+        ),
+        "monkey_kept_maps": shared.OptionInfo(
+            DEFAULT_CAPACITY,
+            "Kept pass-1 maps: how many batches' maps stay in memory for reuse, the preview and "
+            "/monkey/v1/masks (a few kB per image; 0 keeps none)",
+            gr.Slider,
+            {"minimum": 0, "maximum": 256, "step": 1},
+            section=SECTION,
+        ),
+        "monkey_reuse_pass1": shared.OptionInfo(
+            True,
+            "Reuse pass 1: a generation whose pass 1 would equal a kept one skips it (only the "
+            "mask settings changed)",
             section=SECTION,
         ),
     }
@@ -267,6 +283,7 @@ def settings_schema() -> dict[str, Any]:
 
 def on_app_started(_demo: Any, app: Any) -> None:
     app.add_api_route("/monkey/v1/settings", settings_schema, methods=["GET"])
+    api.add_routes(app)
 
 
 def register_callbacks() -> None:
