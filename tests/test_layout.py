@@ -47,8 +47,12 @@ def imports(path: Path) -> set[str]:
 
 
 SOURCES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
-GRAPH = {
-    name: {dep for dep in imports(path) if dep in SOURCES and dep != name}
+GRAPH = {  # a module's own packages are imported before it, never by it
+    name: {
+        dep
+        for dep in imports(path)
+        if dep in SOURCES and dep != name and not name.startswith(dep + ".")
+    }
     for name, path in SOURCES.items()
 }
 

@@ -25,7 +25,12 @@ def run(webui, settings, *, units=UNITS, api=True, **kwargs):
 
 
 def statuses(processed, n: int) -> list[str]:
-    return [text.split("MONKEY status: ")[1] for text in processed.infotexts[:n]]
+    """Each image's ``MONKEY status`` value (the kept maps' id, which names the mask mode too,
+    follows it as a field of its own)."""
+    return [
+        text.split("MONKEY status: ")[1].split(", MONKEY maps: ")[0]
+        for text in processed.infotexts[:n]
+    ]
 
 
 def per_unit_masks(processed, n_images: int, n_units: int = 2) -> list[list[np.ndarray]]:

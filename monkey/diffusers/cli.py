@@ -220,11 +220,11 @@ def init_image(options: argparse.Namespace) -> Any:
 
 
 def sweep_values(options: argparse.Namespace) -> list:
-    """The values of a ``--threshold`` given several times over (``[None]`` for none); the
-    settings keep the first, so that they check and record as one run's."""
+    """The values of a ``--threshold`` given several (``[None]``: one value or none, a plain
+    run); the settings keep the first, so that they check and record as one run's."""
     given = getattr(options, f"monkey_{SWEEP}") or [None]
     setattr(options, f"monkey_{SWEEP}", given[0])
-    if given[0] is None:
+    if len(given) == 1:
         return [None]
     return [A.parse_field(SWEEP, value) for value in given]
 
