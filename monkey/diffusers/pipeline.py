@@ -32,8 +32,8 @@ from ..session import MonkeySession, Phase
 from ..status import schedule_text, silent_text, status
 from ..steps import pass1_length
 from ..twopass import run_two_pass
-from . import fingerprint
 from .clock import LoopClock, loop_clock, loop_steps, runge_kutta_iterations
+from .fingerprint import pass_one
 from .hooks import DiffusersMonkey, ip_attention_modules
 from .schedule import first_pass_steps
 from .stop import freeze_after_stop
@@ -235,7 +235,7 @@ class PipelineRun:
     def _identify(self, args: tuple, kwargs: dict) -> None:
         """Pass 1's first UNet call, before it runs: fingerprint it; reusing the offered kept
         maps ends the pipeline call right here."""
-        pass_id = fingerprint.pass_one(
+        pass_id = pass_one(
             self.pipe,
             self.session,
             args,
