@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monkey import maskset
-from monkey.args import MonkeyArgsError
+from monkey.args import MonkeyArgs, MonkeyArgsError
 from monkey.attn2 import MonkeyAttn2
 from monkey.session import MonkeySession
 
@@ -344,3 +344,19 @@ def test_widget_defaults_parse_back_to_the_node_defaults(comfy):
 
     values = {name: options["default"] for name, (_, options) in monkey_inputs().items()}
     assert settings_from(values) == MonkeyArgs(enabled=True)
+
+
+def test_sdxl_keys_resolve_to_sdxl_layers_without_the_middle_block():
+    from monkey.comfyui.patches import called_layers
+    from monkey.comfyui.run import _layers
+    from monkey.layers import SDXL
+
+    keys = [("input", i, j) for i in (4, 5) for j in range(2)]
+    keys += [("input", i, j) for i in (7, 8) for j in range(10)]
+    keys += [("output", i, j) for i in range(6) for j in range(10 if i < 3 else 2)]
+    keys += [("middle", 1, j) for j in range(10)]  # IPAdapter_plus's SDXL middle keys
+    called = called_layers(dict.fromkeys(keys))
+    assert len(keys) == 70 and len(called) == 60
+    family, source = _layers(MonkeyArgs(enabled=True), sorted(called.values()))
+    assert family is SDXL and source == SDXL.default_source
+    assert not any(name.startswith("middle_block") for name in called.values())
