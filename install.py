@@ -4,7 +4,10 @@ are missing, and never under --skip-install."""
 
 from __future__ import annotations
 
-import launch
+try:
+    import launch
+except ImportError:  # ComfyUI-Manager runs install.py too; ComfyUI ships all MONKEY needs
+    launch = None
 
 # distribution name -> module name; torch is the WebUI's own and is never installed from here
 REQUIREMENTS = {"numpy": "numpy", "Pillow": "PIL"}
@@ -18,4 +21,5 @@ def main() -> None:
             launch.run_pip(f"install {package}", f"{package} for sd-webui-monkey")
 
 
-main()
+if launch is not None:
+    main()

@@ -122,6 +122,7 @@ def _float_in(lo: float, hi: float) -> Parser:
             raise _Reject
         return number
 
+    parse.bounds = (lo, hi)  # read by UIs that draw a bounded widget (ComfyUI)
     return parse
 
 
@@ -132,6 +133,7 @@ def _int_in(lo: int, hi: int) -> Parser:
             raise _Reject
         return int(number)
 
+    parse.bounds = (lo, hi)
     return parse
 
 
@@ -226,7 +228,9 @@ def _choice(words: tuple[str, ...]) -> Parser:
     def reject(_value: Any) -> Any:
         raise _Reject
 
-    return _word_or(words, reject)
+    parse = _word_or(words, reject)
+    parse.choices = words  # read by UIs that draw a drop-down (ComfyUI)
+    return parse
 
 
 _token = _word_or((AUTO, DEFAULT), _int_in(0, MAX_TOKEN))

@@ -10,8 +10,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "monkey"
-HOSTS = ("modules", "gradio", "diffusers", "transformers", "launch", "comfy")
-WINGS = ("webui", "diffusers")
+HOSTS = (
+    "modules",
+    "gradio",
+    "diffusers",
+    "transformers",
+    "launch",
+    "comfy",
+    "nodes",
+    "latent_preview",
+)
+WINGS = ("webui", "diffusers", "comfyui")
 MAX_LINES = 400
 LONG_BY_DESIGN = {"monkey/args.py"}  # the declarative settings model: one entry per setting
 

@@ -8,51 +8,31 @@ each unit in its sigma window, that unit's weighted IP attention. Several units 
 object: its lists (``weights``, ``ipadapters``, ``conds``, ``unconds``, ``sigma_start``,
 ``sigma_end``, ``masks`` ...) hold one entry per unit, in the order the units were applied.
 
-``MonkeyAttn2`` wraps such a patch without changing it. Recording recomputes the source unit's IP
-keys (``ip_layers.to_kvs[k_key]``, as the patch does on every call) for the query of that call;
+The wrapper is the core's (``monkey.attn2``, shared with ComfyUI); ``CrossAttentionPatchUnits``
+says how this patch keeps its units. Recording recomputes the source unit's IP keys
+(``ip_layers.to_kvs[k_key]``, as the patch does on every call) for the query of that call;
 masking calls *views* of the patch: shallow copies whose per-unit lists keep only some units, so
 the patch's own arithmetic gives the text attention (no unit) and each unit's contribution
-(``view(unit) − text``), and the mask multiplies that contribution per unit:
-``out = text + Σ_u M_u · (view(u) − text)``. With every mask all ones the patch's own output is
-returned untouched, so an all-ones mask is plain IP-Adapter bit for bit. The same class serves
-reForge, whose ``CrossAttentionPatch`` has the same lists (it applies the unit weight twice,
-which MONKEY leaves to it).
+(``view(unit) − text``). The same class serves reForge, whose ``CrossAttentionPatch`` has the
+same lists (it applies the unit weight twice, which MONKEY leaves to it).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..attention import split_heads
-from ..session import IPAction, MonkeySession
+from .. import attn2
+from ..attn2 import chunk_keys, layer_name, sigma_of
+from ..session import MonkeySession
 
-logger = logging.getLogger("monkey")
+__all__ = ["MonkeyAttn2", "in_window", "is_ip_patch", "layer_name", "unit_count", "view"]
 
 UNIT_LISTS_ANCHOR = "weights"
 """The per-unit list whose length is the patch's unit count."""
-
-NO_SIGMA = 999999999.9
-"""The sigma Forge's patch assumes when ``extra_options`` carries none (every unit active)."""
-
-
-def layer_name(key: tuple) -> str:
-    """The ldm module path of the attn2 layer a ``patches_replace`` key names: ``("output", 4)``
-    is ``output_blocks.4.1.transformer_blocks.0.attn2``, SDXL's ``("input", 7, 3)`` the fourth
-    transformer of ``input_blocks.7.1``, ``("middle", 0[, i])`` the middle block's."""
-    block, number, *rest = key
-    index = rest[0] if rest else 0
-    if block == "middle":
-        prefix = "middle_block.1"
-    elif block in ("input", "output"):
-        prefix = f"{block}_blocks.{number}.1"
-    else:
-        raise ValueError(f"unknown attn2 block {key!r}")
-    return f"{prefix}.transformer_blocks.{index}.attn2"
 
 
 def is_ip_patch(patch: Any) -> bool:
@@ -86,119 +66,44 @@ def view(patch: Any, units: Sequence[int]) -> Any:
 
 def in_window(patch: Any, unit: int, extra_options: dict) -> bool:
     """The patch's own test: a unit acts while ``sigma_end <= sigma <= sigma_start``."""
-    sigmas = extra_options.get("sigmas")
-    sigma = float(sigmas[0]) if sigmas is not None else NO_SIGMA
+    sigma = sigma_of(extra_options)
     return not (sigma > patch.sigma_start[unit] or sigma < patch.sigma_end[unit])
 
 
-def _embedding_rows(embedding: torch.Tensor, chunk: int) -> torch.Tensor:
-    """One image embedding per row of a chunk: the patch repeats a single embedding, and with
-    ``unfold_batch`` pads (last one repeated) or truncates one per image."""
-    if embedding.shape[0] == chunk:
-        return embedding
-    if embedding.shape[0] == 1:
-        return embedding.expand(chunk, *embedding.shape[1:])
-    if embedding.shape[0] > chunk:
-        return embedding[:chunk]
-    pad = embedding[-1:].expand(chunk - embedding.shape[0], *embedding.shape[1:])
-    return torch.cat([embedding, pad])
+class CrossAttentionPatchUnits:
+    """``attn2.PatchUnits`` of Forge's ``CrossAttentionPatch`` (steps come from the A1111
+    host's denoiser callback, not from the call)."""
+
+    def enter(self, session: MonkeySession, extra_options: dict) -> None:
+        pass
+
+    def count(self, patch: Any) -> int:
+        return unit_count(patch)
+
+    def in_window(self, patch: Any, unit: int, extra_options: dict) -> bool:
+        return in_window(patch, unit, extra_options)
+
+    def ip_key(self, patch: Any, unit: int, q: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        to_k = patch.ipadapters[unit].ip_layers.to_kvs[patch.k_key]
+        return chunk_keys(to_k, patch.conds[unit], patch.unconds[unit], q, extra_options)
+
+    def text(self, patch: Any, q, k, v, extra_options: dict) -> torch.Tensor:
+        return view(patch, ())(q, k, v, extra_options)
+
+    def contribution(self, patch: Any, unit: int, q, k, v, extra_options, text) -> torch.Tensor:
+        alone = patch if unit_count(patch) == 1 else view(patch, (unit,))
+        return alone(q, k, v, extra_options) - text
 
 
-def ip_key(patch: Any, unit: int, query: torch.Tensor, extra_options: dict) -> torch.Tensor:
-    """``[R, heads, T, d]`` IP keys of ``unit`` for the rows of this call: the cond embedding for
-    cond chunks, the uncond one for uncond chunks (``cond_or_uncond``: 0 cond, 1 uncond), projected
-    by the adapter's own ``to_kvs`` as the patch does; not scaled by the unit weight."""
-    kinds = extra_options["cond_or_uncond"]
-    chunk = query.shape[0] // len(kinds)
-    to_k = patch.ipadapters[unit].ip_layers.to_kvs[patch.k_key]
-    with torch.no_grad():
-        keys = [
-            to_k(_embedding_rows((patch.conds, patch.unconds)[kind][unit], chunk)) for kind in kinds
-        ]
-    return split_heads(torch.cat(keys).to(query.device), int(extra_options["n_heads"]))
+UNITS = CrossAttentionPatchUnits()
 
 
-class MonkeyAttn2:
-    """Stands in for one IP-Adapter attn2 patch while a batch samples.
+class MonkeyAttn2(attn2.MonkeyAttn2):
+    """The core wrapper around a Forge patch; ``source`` is the unit that records."""
 
-    Inert once its session has ended. Attribute reads and ``set_new_condition`` reach the wrapped
-    patch (the IP-Adapter appends a unit to an existing entry); a deep copy (``UnetPatcher.clone``)
-    copies the patch and keeps the session, so a clone made after ours records and masks too.
-    """
-
-    def __init__(
-        self,
-        patch: Any,
-        layer: str,
-        session: MonkeySession,
-        source: int | None,
-    ):
-        self.patch = patch
-        self.layer = layer
-        self.session = session
-        self.source = source
-        """The unit (index into the patch's lists) whose attention is recorded, if any."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "patch" not in self.__dict__:
-            raise AttributeError(name)
-        value = getattr(self.__dict__["patch"], name)
-        if name == "to" and callable(value):  # ModelPatcher.model_patches_to: keep us in place
-
-            def to(*args: Any, **kwargs: Any) -> Any:
-                moved = value(*args, **kwargs)
-                return self if moved is self.patch else self.rewrap(moved)
-
-            return to
-        return value
+    def __init__(self, patch: Any, layer: str, session: MonkeySession, source: int | None,
+                 units: Any = UNITS):  # fmt: skip
+        super().__init__(patch, layer, session, units, source)
 
     def rewrap(self, patch: Any) -> MonkeyAttn2:
         return MonkeyAttn2(patch, self.layer, self.session, self.source)
-
-    def __deepcopy__(self, memo: dict) -> MonkeyAttn2:
-        return self.rewrap(copy.deepcopy(self.patch, memo))
-
-    def __call__(self, q, k, v, extra_options):
-        session, patch = self.session, self.patch
-        if not session.active:
-            return patch(q, k, v, extra_options)
-        kinds = extra_options["cond_or_uncond"]
-        latent_hw = tuple(extra_options["original_shape"][-2:])
-        # rows say what they are: chunks of one prompt for every image, uncond usually first
-        session.begin_unet_chunks(
-            [kind == 0 for kind in kinds], q.shape[0] // len(kinds), latent_hw
-        )
-        action = session.ip_action()
-        if action is IPAction.OFF:
-            return view(patch, ())(q, k, v, extra_options)
-        if self.source is not None and session.wants_record(self.layer):
-            self._record(q, extra_options)
-        if action is IPAction.PLAIN:
-            return patch(q, k, v, extra_options)
-        return self._masked(q, k, v, extra_options)
-
-    def _record(self, q: torch.Tensor, extra_options: dict) -> None:
-        patch, unit = self.patch, self.source
-        if unit >= unit_count(patch) or not in_window(patch, unit, extra_options):
-            return  # the unit is outside its own start/end: its attention does not exist
-        heads = int(extra_options["n_heads"])
-        self.session.observe(
-            self.layer, split_heads(q, heads), ip_key(patch, unit, q, extra_options)
-        )
-
-    def _masked(self, q, k, v, extra_options):
-        patch, session = self.patch, self.session
-        units = range(unit_count(patch))
-        # the mask of each unit's contribution; one mask for every unit today (per-unit masks
-        # would be chosen here by ``unit``)
-        weights = {unit: session.weights(q.shape[1], q.device, q.dtype, unit) for unit in units}
-        if all(session.weights_are_ones(w) for w in weights.values()):
-            return patch(q, k, v, extra_options)  # plain IP-Adapter, bit for bit
-        text = view(patch, ())(q, k, v, extra_options)
-        out = text
-        for unit, weight in weights.items():
-            if session.weights_are_zeros(weight) or not in_window(patch, unit, extra_options):
-                continue
-            alone = patch if len(units) == 1 else view(patch, (unit,))
-            out = out + weight * (alone(q, k, v, extra_options) - text)
-        return out
