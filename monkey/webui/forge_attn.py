@@ -8,8 +8,10 @@ each unit in its sigma window, that unit's weighted IP attention. Several units 
 object: its lists (``weights``, ``ipadapters``, ``conds``, ``unconds``, ``sigma_start``,
 ``sigma_end``, ``masks`` ...) hold one entry per unit, in the order the units were applied.
 
-``MonkeyAttn2`` wraps such a patch without changing it. Recording recomputes the source unit's IP
-keys (``ip_layers.to_kvs[k_key]``, as the patch does on every call) for the query of that call;
+``MonkeyAttn2`` wraps such a patch without changing it. Recording recomputes a unit's IP keys
+(``ip_layers.to_kvs[k_key]``, as the patch does on every call) for the query of that call, for
+each unit the session records (the source unit in mask mode ``shared``, every unit in
+``per_unit``), each only inside its own sigma window;
 masking calls *views* of the patch: shallow copies whose per-unit lists keep only some units, so
 the patch's own arithmetic gives the text attention (no unit) and each unit's contribution
 (``view(unit) − text``), and the mask multiplies that contribution per unit:
@@ -131,13 +133,13 @@ class MonkeyAttn2:
         patch: Any,
         layer: str,
         session: MonkeySession,
-        source: int | None,
+        records: bool,
     ):
         self.patch = patch
         self.layer = layer
         self.session = session
-        self.source = source
-        """The unit (index into the patch's lists) whose attention is recorded, if any."""
+        self.records = records
+        """Whether this is a source layer (the session says which units record, and when)."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or "patch" not in self.__dict__:
@@ -153,7 +155,7 @@ class MonkeyAttn2:
         return value
 
     def rewrap(self, patch: Any) -> MonkeyAttn2:
-        return MonkeyAttn2(patch, self.layer, self.session, self.source)
+        return MonkeyAttn2(patch, self.layer, self.session, self.records)
 
     def __deepcopy__(self, memo: dict) -> MonkeyAttn2:
         return self.rewrap(copy.deepcopy(self.patch, memo))
@@ -171,26 +173,28 @@ class MonkeyAttn2:
         action = session.ip_action()
         if action is IPAction.OFF:
             return view(patch, ())(q, k, v, extra_options)
-        if self.source is not None and session.wants_record(self.layer):
+        if self.records and session.wants_record(self.layer):
             self._record(q, extra_options)
         if action is IPAction.PLAIN:
             return patch(q, k, v, extra_options)
         return self._masked(q, k, v, extra_options)
 
     def _record(self, q: torch.Tensor, extra_options: dict) -> None:
-        patch, unit = self.patch, self.source
-        if unit >= unit_count(patch) or not in_window(patch, unit, extra_options):
-            return  # the unit is outside its own start/end: its attention does not exist
-        heads = int(extra_options["n_heads"])
-        self.session.observe(
-            self.layer, split_heads(q, heads), ip_key(patch, unit, q, extra_options)
-        )
+        patch, session = self.patch, self.session
+        query = None
+        for unit in range(unit_count(patch)):
+            if not session.wants_record(self.layer, unit):
+                continue
+            if not in_window(patch, unit, extra_options):
+                continue  # the unit is outside its own start/end: its attention does not exist
+            if query is None:
+                query = split_heads(q, int(extra_options["n_heads"]))
+            session.observe(self.layer, query, ip_key(patch, unit, q, extra_options), unit)
 
     def _masked(self, q, k, v, extra_options):
         patch, session = self.patch, self.session
         units = range(unit_count(patch))
-        # the mask of each unit's contribution; one mask for every unit today (per-unit masks
-        # would be chosen here by ``unit``)
+        # the mask of each unit's contribution: the shared mask, or (``per_unit``) the unit's own
         weights = {unit: session.weights(q.shape[1], q.device, q.dtype, unit) for unit in units}
         if all(session.weights_are_ones(w) for w in weights.values()):
             return patch(q, k, v, extra_options)  # plain IP-Adapter, bit for bit
