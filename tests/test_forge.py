@@ -364,21 +364,24 @@ def test_the_wrapped_clone_shares_controlnets_patches_instead_of_copying_them(we
 
     def spy(unet, replacements):
         work = real(unet, replacements)
-        clones.append((unet, work))
+        clones.append((unet, work, forge.attn2_entries(work)))
         return work
 
     monkeypatch.setattr(forge, "wrapped_clone", spy)
     units = [{"seed": 7}, {"seed": 11}]
     generate(webui, make_forge_p(webui, with_fields(ON, mask_mode="per_unit"), units=units, **SIZE))
     assert len(clones) == 2  # pass 1 and pass 2
-    for unet, work in clones:
-        ours, theirs = forge.attn2_entries(work), forge.attn2_entries(unet)
+    for unet, work, ours in clones:
+        theirs = forge.attn2_entries(unet)
         assert ours.keys() == theirs.keys() and len(ours) == 16
         for key, (entry, patch) in ours.items():
             assert isinstance(entry, forge_attn.MonkeyAttn2) and patch is theirs[key][1]
             assert len(patch.weights) == 2  # both units, once
             assert entry.records == (forge_attn.layer_name(key) == LAYER)
         assert not any(isinstance(entry, forge_attn.MonkeyAttn2) for entry, _ in theirs.values())
+        # once the batch ended, the clone (Forge may keep it loaded) holds no wrapper, no session
+        after = forge.attn2_entries(work)
+        assert all(entry is patch for entry, patch in after.values()) and len(after) == 16
         assert work.model_options is not unet.model_options
         assert (
             work.model_options["transformer_options"]

@@ -53,14 +53,18 @@ def ip_units(controlnet: Any) -> list[int] | None:
     ]
 
 
+def attn2_replace(unet: Any) -> dict:
+    """A UNet patcher's attn2 replacements, by ``patches_replace`` key (the dict itself)."""
+    options = getattr(unet, "model_options", None) or {}
+    return options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+
 def attn2_entries(unet: Any) -> dict[tuple, tuple[Any, Any]]:
     """The IP-Adapter attn2 entries of a UNet patcher, by ``patches_replace`` key: the object
     registered there and the IP-Adapter patch it is (a MONKEY wrapper found there, in a clone
     of a patcher we wrapped, counts as the patch it wraps)."""
-    options = getattr(unet, "model_options", None) or {}
-    replace = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     found = {}
-    for key, entry in replace.items():
+    for key, entry in attn2_replace(unet).items():
         patch = entry
         while isinstance(patch, forge_attn.MonkeyAttn2):
             patch = patch.patch
@@ -110,6 +114,12 @@ class UnetSwap:
             self.installed = False
             if self.objects.unet is self.wrapped:
                 self.objects.unet = self.original
+            # Forge keeps the patcher it last loaded (``current_loaded_models``) until another
+            # is loaded: our clone must not keep the batch's session, maps and masks alive
+            replace = attn2_replace(self.wrapped)
+            for key, entry in list(replace.items()):
+                if isinstance(entry, forge_attn.MonkeyAttn2):
+                    replace[key] = entry.patch
 
 
 class ForgeBatch(IPBatch):
