@@ -1,8 +1,9 @@
-"""A whole MONKEY generation against a plain IP-Adapter generation, through both hook paths.
+"""A whole MONKEY generation against a plain IP-Adapter generation, through each hook path.
 
 For SD1.5- and SDXL-shaped random-weight UNets, through sd-webui-controlnet's hook shape (what the
-WebUI runs) and diffusers' IP-Adapter processors, one Euler sampler with CFG runs the same seed,
-steps and schedule for a plain IP-Adapter generation and for MONKEY's two passes at the given
+WebUI runs), Forge's UNet-patcher shape (its integrated ControlNet applies IP-Adapter again for
+every sampler run; MONKEY clones and wraps the patches, as on Forge) and diffusers' IP-Adapter
+processors, one Euler sampler with CFG runs the same seed, steps and schedule for a plain IP-Adapter generation and for MONKEY's two passes at the given
 settings (default: the paper's schedule). Repeats are interleaved; medians are printed:
 
 * total: MONKEY time / plain time;
@@ -18,7 +19,7 @@ CPU (default): reduced widths and sizes. GPU: ``--device cuda --full-size`` (fp1
 512 px, SDXL at 1024 px, 30 steps).
 
 Run: ``python benchmarks/bench_twopass.py [--device cuda --full-size] [--models sd15 sdxl]
-[--paths controlnet diffusers] [--steps 30] [--repeats 3] [--pass1-steps 0.5]``
+[--paths controlnet forge diffusers] [--steps 30] [--repeats 3] [--pass1-steps 0.5]``
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from monkey.rows import RowLayout  # noqa: E402
 from monkey.session import MonkeySession, Phase  # noqa: E402
 from monkey.steps import pass1_length  # noqa: E402
 from monkey.twopass import run_two_pass  # noqa: E402
-from monkey.webui import controlnet  # noqa: E402
+from monkey.webui import controlnet, forge, forge_attn  # noqa: E402
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Sampler:
     def __init__(self, model: Model, steps: int, latent_hw, images: int, device, dtype):
         self.model, self.steps, self.images = model, steps, images
         self.latent_hw, self.device, self.dtype = latent_hw, device, dtype
-        self.cond_first = model.path == "controlnet"  # the WebUI stacks cond rows first
+        self.cond_first = model.path == "controlnet"  # A1111 stacks cond rows first, Forge not
         text = model.text
         self.context = torch.cat(text.chunk(2)[::-1]) if self.cond_first else text
         rows = 2 * images
@@ -94,6 +95,8 @@ class Sampler:
             sigma = sigmas[i]
             x_in = torch.cat([x, x]) / (sigma**2 + 1) ** 0.5
             t = torch.full((self.rows,), 999.0 * (1 - i / steps), device=self.device)
+            if self.model.path == "forge":
+                self.model.unet.forge_ip.begin_call(self.rows, sigma, x_in.shape)
             with torch.no_grad():
                 eps = self.model.unet(
                     x_in, t, encoder_hidden_states=self.context, added_cond_kwargs=self.added
@@ -115,6 +118,8 @@ def plain(sampler: Sampler, model: Model, steps: int, device) -> Run:
         model.unet.controlnet_ip.new_generation(sampler.cond_mark)
     sync(device)
     start = time.perf_counter()
+    if model.path == "forge":
+        model.unet.forge_ip.apply()  # the integrated ControlNet, in every sampler run
     sampler(steps, None)
     sync(device)
     seconds = time.perf_counter() - start
@@ -156,6 +161,13 @@ def monkey(
             session.begin_unet_call(args[0].shape[0], tuple(args[0].shape[-2:]))
 
         hooks.add(TorchHook(lambda: unet.register_forward_pre_hook(unet_call)))
+    elif model.path == "forge":
+        names = [forge_attn.layer_name(key) for key in unet.forge_ip.keys]
+        layout = RowLayout.webui([1] * sampler.images)
+        batch = forge.ForgeBatch(
+            MonkeySession(settings, source_layers((), names), layout), HookSet()
+        )
+        session, hooks = batch.session, batch.hooks
     else:
         names = [n.removesuffix(".processor") for n in unet.attn_processors if "attn2" in n]
         layers = source_layers((), names)
@@ -168,6 +180,9 @@ def monkey(
         length = first_steps if phase is Phase.RECORD else steps
         sync(device)
         start = time.perf_counter()
+        if model.path == "forge":  # Forge's p.sample: ControlNet applies, then MONKEY wraps
+            unet.forge_ip.apply()
+            batch.before_sampling(unet.forge_ip)
         out, run = sampler(length, session)
         sync(device)
         seconds[phase.value], ran[phase.value] = time.perf_counter() - start, run
@@ -264,8 +279,8 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         nargs="+",
-        default=["controlnet", "diffusers"],
-        choices=["controlnet", "diffusers"],
+        default=["controlnet", "forge", "diffusers"],
+        choices=["controlnet", "forge", "diffusers"],
     )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)

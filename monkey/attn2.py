@@ -145,6 +145,11 @@ class MonkeyAttn2:
             return to
         return value
 
+    @property
+    def records(self) -> bool:
+        """Whether the mask is recorded at this patch's layer (the session says which units)."""
+        return self.layer in self.session.source_layers
+
     def rewrap(self, patch: Any) -> MonkeyAttn2:
         return type(self)(patch, self.layer, self.session, self.units, self.source)
 

@@ -253,10 +253,12 @@ def apply_ip_adapter(unet_patcher, kwargs: dict):
 class IPAdapterPatcher:
     """The integrated ControlNet's IP-Adapter model (the class name is what MONKEY looks for)."""
 
-    def __init__(self, unet: nn.Module, seed: int):
+    def __init__(self, unet: nn.Module, seed: int, blank: bool = False):
         gen = torch.Generator().manual_seed(seed + 1000)
         self.ipadapter = IPAdapterModule(unet, seed)
         self.cond = torch.randn(1, TOKENS, CONTEXT_DIM, generator=gen)
+        if blank:  # a reference whose embedding is zero: every token alike, a flat map
+            self.cond = torch.zeros_like(self.cond)
         self.uncond = 0.1 * torch.randn(1, TOKENS, CONTEXT_DIM, generator=gen)
         self.strength, self.start_percent, self.end_percent = 1.0, 0.0, 1.0
 
@@ -308,7 +310,7 @@ class FakeForgeControlNetScript:
         self.current_params = {}
         for i, unit in enumerate(self.units):
             if unit.get("kind", "ip") == "ip":
-                model = IPAdapterPatcher(unet, unit["seed"])
+                model = IPAdapterPatcher(unet, unit["seed"], unit.get("blank", False))
                 model.strength = unit.get("weight", 1.0)
                 model.start_percent, model.end_percent = (
                     unit.get("start", 0.0),

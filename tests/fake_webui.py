@@ -940,6 +940,8 @@ def make_modules(errors: list, saved: list) -> dict[str, types.ModuleType]:
         suffix="",
         save_to_dirs=None,
     ):
+        if info is not None and image.mode not in ("RGB", "RGBA"):  # Forge's stealth pnginfo
+            raise ValueError(f"not enough values to unpack (a {image.mode} image)")
         saved.append(
             {"image": image, "seed": seed, "extension": extension, "info": info, "suffix": suffix}
         )

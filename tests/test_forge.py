@@ -79,17 +79,6 @@ def test_nothing_to_mask_runs_untouched_and_says_why(webui, controlnet, units, r
     assert_clean(webui, p)
 
 
-def test_per_unit_mask_mode_says_it_is_not_on_forge_and_leaves_the_image_plain(webui):
-    plain = make_forge_p(webui, monkey=False, **SIZE)
-    generate(webui, plain)
-    p = make_forge_p(webui, MonkeyArgs(enabled=True, mask_mode="per_unit"), **SIZE)
-    processed = generate(webui, p)
-    assert torch.equal(latents(p), latents(plain))
-    assert "mask mode 'per_unit' is not available on Forge yet" in processed.infotexts[0]
-    assert not webui.errors
-    assert_clean(webui, p)
-
-
 # -- the two passes --------------------------------------------------------------------------------
 
 
@@ -191,9 +180,9 @@ def test_two_units_are_both_masked_and_the_chosen_one_records(webui, monkeypatch
     observed = []
     real = MonkeySession.observe
 
-    def spy(self, layer, query, ip_key):
-        observed.append(ip_key)
-        return real(self, layer, query, ip_key)
+    def spy(self, layer, query, ip_key, unit=None):
+        observed.append((unit, ip_key))
+        return real(self, layer, query, ip_key, unit)
 
     monkeypatch.setattr(MonkeySession, "observe", spy)
     units = [{"seed": 7}, {"seed": 11}]
@@ -202,9 +191,9 @@ def test_two_units_are_both_masked_and_the_chosen_one_records(webui, monkeypatch
     patch = attn2_of(p.sd_model.forge_objects.unet)[("output", 4)]
     adapter = patch.ipadapters[1].ip_layers.to_kvs[patch.k_key]
     # rows: the uncond chunk, then the cond chunk; the recorder reads the cond row's keys
-    assert observed and torch.equal(
-        observed[0][1], adapter(patch.conds[1])[0].view(4, 2, -1).transpose(0, 1)
-    )
+    assert observed and {unit for unit, _ in observed} == {1}  # shared: the source unit only
+    key = adapter(patch.conds[1])[0].view(4, 2, -1).transpose(0, 1)
+    assert torch.equal(observed[0][1][1], key)
     zero_masks(monkeypatch)
     no_ip = make_forge_p(webui, monkey=False, units=[], **SIZE)
     generate(webui, no_ip)
@@ -259,7 +248,7 @@ def one_layer(kinds: list[int], phase: Phase, n_images: int = 2, units: int = 1)
         "n_heads": 2,
         "dim_head": channels // 2,
     }
-    wrapper = forge_attn.MonkeyAttn2(patch, LAYER, session, source=0)
+    wrapper = forge_attn.MonkeyAttn2(patch, LAYER, session)
     return patch, wrapper, session, (q, k, v, extra)
 
 
@@ -312,6 +301,29 @@ def test_a_unit_outside_its_sigma_window_is_not_recorded():
     assert not session.recorder.has_data
 
 
+def test_per_unit_every_unit_records_from_its_own_keys():
+    patch, wrapper, session, call = one_layer([1, 0], Phase.RECORD, n_images=1, units=2)
+    session.per_unit = True
+    q, k, v, extra = call
+    assert torch.equal(wrapper(q, k, v, extra), patch(q, k, v, extra))
+    q_cond = q[1:].view(1, 16, 2, -1).transpose(1, 2)  # row 1 is the cond chunk
+    for unit in (0, 1):
+        key = patch.ipadapters[unit].ip_layers.to_kvs[patch.k_key](patch.conds[unit])
+        probs = torch.softmax(q_cond @ key.view(1, 4, 2, -1).permute(0, 2, 3, 1), -1)
+        recorded = session.recorders[unit].result().maps[0, 0].reshape(1, -1)
+        torch.testing.assert_close(recorded, probs[..., 1].mean(1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_unit", [False, True], ids=["shared", "per_unit"])
+def test_only_units_inside_their_own_window_record(per_unit):
+    patch, wrapper, session, call = one_layer([1, 0], Phase.RECORD, n_images=1, units=2)
+    session.per_unit = per_unit
+    patch.sigma_end[0] = 5.0  # the call runs at sigma 3: past unit 0's end, unit 1 still in
+    wrapper(*call)
+    recorded = sorted(unit for unit, r in session.recorders.items() if r.has_data)
+    assert recorded == ([1] if per_unit else [])  # shared: unit 0 is the source and is out
+
+
 def test_the_wrapper_is_inert_after_its_session_and_survives_a_clone():
     patch, wrapper, session, call = one_layer([1, 0], Phase.APPLY)
     clone = copy.deepcopy({"attn2": {("output", 4): wrapper}})["attn2"][("output", 4)]
@@ -352,6 +364,63 @@ def test_the_cached_patcher_and_controlnets_patches_are_never_changed(webui):
         assert attn2_of(unet) == patches  # ControlNet's patcher still holds its own patches
         assert all(isinstance(patch, CrossAttentionPatch) for patch in patches.values())
         assert all(len(patch.weights) == 1 for patch in patches.values())
+
+
+def test_the_wrapped_clone_shares_controlnets_patches_instead_of_copying_them(webui, monkeypatch):
+    """Forge's ``clone`` deep-copies every patch with its adapter's weights; MONKEY's clone holds
+    its wrappers around ControlNet's very patch objects, and ControlNet's patcher keeps them
+    unwrapped."""
+    clones = []
+    real = forge.wrapped_clone
+
+    def spy(unet, replacements):
+        work = real(unet, replacements)
+        clones.append((unet, work, forge.attn2_entries(work)))
+        return work
+
+    monkeypatch.setattr(forge, "wrapped_clone", spy)
+    units = [{"seed": 7}, {"seed": 11}]
+    generate(webui, make_forge_p(webui, with_fields(ON, mask_mode="per_unit"), units=units, **SIZE))
+    assert len(clones) == 2  # pass 1 and pass 2
+    for unet, work, ours in clones:
+        theirs = forge.attn2_entries(unet)
+        assert ours.keys() == theirs.keys() and len(ours) == 16
+        for key, (entry, patch) in ours.items():
+            assert isinstance(entry, forge_attn.MonkeyAttn2) and patch is theirs[key][1]
+            assert len(patch.weights) == 2  # both units, once
+            assert entry.records == (forge_attn.layer_name(key) == LAYER)
+        assert not any(isinstance(entry, forge_attn.MonkeyAttn2) for entry, _ in theirs.values())
+        # once the batch ended, the clone (Forge may keep it loaded) holds no wrapper, no session
+        after = forge.attn2_entries(work)
+        assert all(entry is patch for entry, patch in after.values()) and len(after) == 16
+        assert work.model_options is not unet.model_options
+        assert (
+            work.model_options["transformer_options"]
+            is not unet.model_options["transformer_options"]
+        )
+
+
+def test_the_wrapped_clone_is_the_patchers_own_clone_and_points_a_parent_at_the_patcher():
+    from fake_forge import UnetPatcher
+
+    class ReForgePatcher(UnetPatcher):  # reForge's clone remembers where it came from
+        def clone(self):
+            n = ReForgePatcher(self.model)
+            n.model_options = copy.deepcopy(self.model_options)
+            n.parent, n.extra = self, list(self.extra)
+            return n
+
+    unet = ReForgePatcher(model=None)
+    unet.extra = ["kept"]
+    patch = CrossAttentionPatch(1.0, None, 7, torch.ones(1), torch.zeros(1))
+    unet.set_model_attn2_replace(patch, "output", 4)
+    options = copy.deepcopy(unet.model_options)
+    wrapper = object()
+    work = forge.wrapped_clone(unet, {id(patch): wrapper})
+    assert type(work) is ReForgePatcher and work.parent is unet and work.extra == ["kept"]
+    assert work.extra is not unet.extra
+    assert attn2_of(work)[("output", 4)] is wrapper
+    assert attn2_of(unet)[("output", 4)] is patch and unet.model_options.keys() == options.keys()
 
 
 def failing_call(p, call: int):

@@ -6,19 +6,20 @@ to a shallow copy of ``forge_objects_after_applying_lora``, then runs every scri
 ``process_before_every_sampling``, where the integrated ControlNet's IP-Adapter clones the UNet
 patcher and registers its attn2 patches. So the two passes are the A1111 host's (``run``),
 and at each ``process_before_every_sampling`` of the batch (MONKEY's runs after ControlNet's:
-``metadata.ini``) this backend clones the patched UNet again and puts a ``MonkeyAttn2`` around
-each IP-Adapter patch of the clone (``forge_attn``). Nothing cached is touched: not the patcher
-ControlNet built, not its cached parameters, not ``forge_objects_after_applying_lora``; when the
+``metadata.ini``) this backend clones the patched UNet again, with a ``MonkeyAttn2`` around each
+IP-Adapter patch in place of the deep copy of it that Forge's ``clone`` would make
+(``wrapped_clone``, ``forge_attn``). Nothing cached is touched: not the patcher ControlNet built
+nor its patches, not its cached parameters, not ``forge_objects_after_applying_lora``; when the
 batch ends the current ``forge_objects.unet`` goes back to the unwrapped one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import layers as layer_tables
-from ..args import PER_UNIT
 from ..fingerprint import Fingerprint
 from ..hooks import HookSet
 from ..rows import RowLayout
@@ -53,18 +54,47 @@ def ip_units(controlnet: Any) -> list[int] | None:
     ]
 
 
-def attn2_patches(unet: Any) -> dict[tuple, Any]:
-    """The IP-Adapter attn2 patches of a UNet patcher, by ``patches_replace`` key; a MONKEY
-    wrapper found there (a clone of a patcher we wrapped) counts as the patch it wraps."""
+def attn2_replace(unet: Any) -> dict:
+    """A UNet patcher's attn2 replacements, by ``patches_replace`` key (the dict itself)."""
     options = getattr(unet, "model_options", None) or {}
-    replace = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+
+def attn2_entries(unet: Any) -> dict[tuple, tuple[Any, Any]]:
+    """The IP-Adapter attn2 entries of a UNet patcher, by ``patches_replace`` key: the object
+    registered there and the IP-Adapter patch it is (a MONKEY wrapper found there, in a clone
+    of a patcher we wrapped, counts as the patch it wraps)."""
     found = {}
-    for key, patch in replace.items():
+    for key, entry in attn2_replace(unet).items():
+        patch = entry
         while isinstance(patch, forge_attn.MonkeyAttn2):
             patch = patch.patch
         if forge_attn.is_ip_patch(patch):
-            found[key] = patch
+            found[key] = (entry, patch)
     return found
+
+
+def wrapped_clone(unet: Any, replacements: dict[int, Any]) -> Any:
+    """``unet.clone()`` in which each object whose ``id`` is a key of ``replacements`` is that
+    value, not a copy of it.
+
+    Forge's ``clone`` deep-copies ``model_options``, with it every IP-Adapter patch, and with
+    those the adapter's weights and image embeddings (tens of MB per unit, in every sampling
+    call). The copy keeps a later ``set_new_condition`` on the clone from reaching the patcher it
+    came from; MONKEY's wrappers never change the patch they wrap, so they share it. Everything
+    else is made by the patcher's own ``clone`` (whatever its Forge or reForge version copies),
+    from a shallow stand-in with empty ``model_options``, which are then deep-copied here with
+    each patch swapped for its wrapper (``deepcopy``'s memo). The patcher handed over is only
+    read; a clone that names the stand-in as its ``parent`` (reForge) is given the patcher.
+    """
+    stand_in = copy.copy(unet)
+    stand_in.model_options = {}
+    work = stand_in.clone()
+    for name, value in list(vars(work).items()):
+        if value is stand_in:
+            setattr(work, name, unet)
+    work.model_options = copy.deepcopy(unet.model_options, dict(replacements))
+    return work
 
 
 class UnetSwap:
@@ -85,12 +115,17 @@ class UnetSwap:
             self.installed = False
             if self.objects.unet is self.wrapped:
                 self.objects.unet = self.original
+            # Forge keeps the patcher it last loaded (``current_loaded_models``) until another
+            # is loaded: our clone must not keep the batch's session, maps and masks alive
+            replace = attn2_replace(self.wrapped)
+            for key, entry in list(replace.items()):
+                if isinstance(entry, forge_attn.MonkeyAttn2):
+                    replace[key] = entry.patch
 
 
 class ForgeBatch(IPBatch):
-    def __init__(self, session: MonkeySession, hooks: HookSet, source: int):
+    def __init__(self, session: MonkeySession, hooks: HookSet):
         super().__init__(session, hooks)
-        self.source = source
         self.wrapped: dict[Phase, int] = {}
         """Patches wrapped per pass: pass 2 without any cannot have masked."""
 
@@ -100,25 +135,25 @@ class ForgeBatch(IPBatch):
             return
         objects = p.sd_model.forge_objects
         unet = objects.unet
-        patches = attn2_patches(unet)
-        if not patches:
+        entries = attn2_entries(unet)
+        if not entries:
             logger.warning("MONKEY: no IP-Adapter patch on Forge's UNet for this sampling")
             return
-        unknown = session.source_layers - {forge_attn.layer_name(key) for key in patches}
+        unknown = session.source_layers - {forge_attn.layer_name(key) for key in entries}
         if unknown:
             raise ValueError(
                 f"mask layer(s) {', '.join(sorted(unknown))} carry no IP-Adapter patch on this model"
             )
-        work = unet.clone()  # never the patcher ControlNet handed over: a clone we own
-        for key, patch in patches.items():
-            layer = forge_attn.layer_name(key)
-            source = self.source if layer in session.source_layers else None
-            wrapper = forge_attn.MonkeyAttn2(patch, layer, session, source)
-            work.set_model_attn2_replace(wrapper, *key)
+        wrappers = {}
+        for key, (entry, patch) in entries.items():
+            layer = forge_attn.layer_name(key)  # the session says which layers and units record
+            wrappers[id(entry)] = forge_attn.MonkeyAttn2(patch, layer, session)
+        # never the patcher ControlNet handed over: a clone we own, sharing its patches
+        work = wrapped_clone(unet, wrappers)
         swap = UnetSwap(objects, unet, work)
         self.hooks.add(swap)
         swap.install()
-        self.wrapped[session.phase] = self.wrapped.get(session.phase, 0) + len(patches)
+        self.wrapped[session.phase] = self.wrapped.get(session.phase, 0) + len(entries)
 
     def unmasked_reason(self) -> str | None:
         if not self.wrapped.get(Phase.APPLY):
@@ -175,13 +210,7 @@ class ForgeBackend(IPBackend):
             return None
         if units is None:
             logger.warning("MONKEY: cannot read the integrated ControlNet's units; trying anyway")
-        if run.settings.mask_mode == PER_UNIT:
-            run.skip(
-                p,
-                "mask mode 'per_unit' is not available on Forge yet (each unit's own recording is "
-                "not wired there); use mask mode 'shared'",
-            )
-            return None
+        # the session picks the recording units (``shared``: the source, ``per_unit``: all)
         source = run.source_index(len(units)) if units else run.settings.source_unit
         family = layer_tables.SDXL if getattr(p.sd_model, "is_sdxl", False) else layer_tables.SD1
         # Forge's UNet calls say which prompt and image each row is (``RowTracker.chunks``);
@@ -189,7 +218,7 @@ class ForgeBackend(IPBackend):
         layout = RowLayout.webui([1] * len(p.seeds))
         n_units = len(units) if units else source + 1
         session = run.new_session(p, list(family.names()), layout, units=n_units)
-        return ForgeBatch(session, HookSet(), source)
+        return ForgeBatch(session, HookSet())
 
     def fingerprint(self, p: Any, batch: IPBatch, fp: Fingerprint) -> Any:
         controlnet = find_script(p, "controlnet")
@@ -197,7 +226,8 @@ class ForgeBackend(IPBackend):
         if not isinstance(params, dict) or len(params) != len(ip_units(controlnet) or []):
             return None  # other ControlNet units' inputs are not read here: never reuse
         patcher = p.sd_model.forge_objects.unet
-        for key, patch in sorted(attn2_patches(patcher).items(), key=lambda item: repr(item[0])):
+        entries = sorted(attn2_entries(patcher).items(), key=lambda item: repr(item[0]))
+        for key, (_, patch) in entries:
             fp.add("ip-adapter", [repr(key), {n: getattr(patch, n, None) for n in PATCH_FIELDS}])
         fp.add("networks", _lora_strengths(patcher))
         return patcher.model.diffusion_model

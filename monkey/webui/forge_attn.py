@@ -9,8 +9,10 @@ object: its lists (``weights``, ``ipadapters``, ``conds``, ``unconds``, ``sigma_
 ``sigma_end``, ``masks`` ...) hold one entry per unit, in the order the units were applied.
 
 The wrapper is the core's (``monkey.attn2``, shared with ComfyUI); ``CrossAttentionPatchUnits``
-says how this patch keeps its units. Recording recomputes the source unit's IP keys
-(``ip_layers.to_kvs[k_key]``, as the patch does on every call) for the query of that call;
+says how this patch keeps its units. Recording recomputes a unit's IP keys
+(``ip_layers.to_kvs[k_key]``, as the patch does on every call) for the query of that call, for
+each unit the session records (the source unit in mask mode ``shared``, every unit in
+``per_unit``), each only inside its own sigma window;
 masking calls *views* of the patch: shallow copies whose per-unit lists keep only some units, so
 the patch's own arithmetic gives the text attention (no unit) and each unit's contribution
 (``view(unit) − text``). The same class serves reForge, whose ``CrossAttentionPatch`` has the
@@ -99,11 +101,11 @@ UNITS = CrossAttentionPatchUnits()
 
 
 class MonkeyAttn2(attn2.MonkeyAttn2):
-    """The core wrapper around a Forge patch; ``source`` is the unit that records."""
+    """The core wrapper around a Forge patch: the session says which units record (each under
+    its own index) and which mask applies to each."""
 
-    def __init__(self, patch: Any, layer: str, session: MonkeySession, source: int | None,
-                 units: Any = UNITS):  # fmt: skip
-        super().__init__(patch, layer, session, units, source)
+    def __init__(self, patch: Any, layer: str, session: MonkeySession, units: Any = UNITS):
+        super().__init__(patch, layer, session, units)
 
     def rewrap(self, patch: Any) -> MonkeyAttn2:
-        return MonkeyAttn2(patch, self.layer, self.session, self.source)
+        return MonkeyAttn2(patch, self.layer, self.session)

@@ -291,8 +291,10 @@ class MonkeyRun:
                     infotexts.append(info)
                 if self.settings.save_masks and p.save_samples():
                     for suffix, mask in saved.items():
+                        # RGB: Forge's save_image hides the infotext in the pixels (its stealth
+                        # pnginfo, on by default) and fails on a one-channel image
                         webui_images.save_image(
-                            mask,
+                            mask.convert("RGB"),
                             p.outpath_samples,
                             "",
                             p.all_seeds[index],
