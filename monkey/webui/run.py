@@ -163,8 +163,9 @@ class MonkeyRun:
         """Pass 1's first denoiser call: fingerprint what the UNet is about to see, so that the
         session reuses kept maps of the same fingerprint (reuse on) and keeps its own."""
         session = batch.session
-        if not self.keep:
+        if not self.keep or getattr(batch, "fingerprinted", False):
             return
+        batch.fingerprinted = True  # once per batch, whether or not it could be taken
         try:
             fp = Fingerprint()
             unet = self.backend.fingerprint(p, batch, fp)
