@@ -19,13 +19,6 @@ ON = MonkeyArgs(enabled=True, preview=True)
 SIZE = {"width": 64, "height": 64}
 
 
-@pytest.fixture(autouse=True)
-def empty_store():
-    STORE.clear()
-    yield
-    STORE.clear()
-
-
 def decode(data: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from webui_run import generate, make_p
 
 from monkey.args import MonkeyArgs
@@ -11,13 +10,6 @@ from monkey.kept import STORE
 from monkey.webui import preview
 
 SIZE = {"width": 64, "height": 64}
-
-
-@pytest.fixture(autouse=True)
-def empty_store():
-    STORE.clear()
-    yield
-    STORE.clear()
 
 
 def test_nothing_kept_yet_shows_nothing(webui):
