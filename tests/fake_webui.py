@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import random
 import re
 import sys
 import types
@@ -254,8 +255,16 @@ class ImageRNG:
         self.is_first = True
 
     def next(self):
+        noise = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        if self.is_first and self.subseeds is not None and self.subseed_strength != 0:
+            # a variation seed blends its own noise into the first draw only (the real slerps)
+            sub = [
+                torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s)))
+                for s in self.subseeds
+            ]
+            noise = torch.lerp(noise, torch.stack(sub), self.subseed_strength)
         self.is_first = False
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return noise
 
 
 # -- conditioning, sampler ------------------------------------------------------------------------
@@ -632,6 +641,8 @@ class StableDiffusionProcessingTxt2Img:
         prompt=DEFAULT_PROMPT,
         negative_prompt="",
         seed=1,
+        subseed=-1,
+        subseed_strength=0.0,
         batch_size=1,
         n_iter=1,
         steps=8,
@@ -666,7 +677,8 @@ class StableDiffusionProcessingTxt2Img:
         self.extra_network_data: dict = {}
         self.te_multiplier = 0.0
         self.extra_generation_params, self.comments = {}, {}
-        self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = 0.0, 0, 0
+        self.subseed, self.subseed_strength = subseed, subseed_strength
+        self.seed_resize_from_h, self.seed_resize_from_w = 0, 0
         self.firstpass_image, self.refiner_checkpoint, self.is_hr_pass = None, None, False
         self.iteration, self.outpath_samples, self.do_not_save_samples = 0, outpath_samples, False
         self.is_api = False  # the API's txt2img/img2img routes set it
@@ -764,7 +776,10 @@ def process_images(p) -> Processed:
     images_module = sys.modules["modules.images"]
     total = p.n_iter * p.batch_size
     p.all_seeds = [p.seed + i for i in range(total)]
-    p.all_subseeds = [0] * total
+    # as process_images_inner: subseed -1 (the API's default) draws a new variation seed per
+    # call, which changes nothing in the image while subseed_strength is 0
+    subseed = random.randrange(2**32) if p.subseed == -1 else p.subseed
+    p.all_subseeds = [subseed + i for i in range(total)]
     p.extra_network_data = {
         "lora": [ExtraNetworkParams([name, w]) for name, w in LORA.findall(p.prompt)]
     }

@@ -143,6 +143,19 @@ def test_any_change_to_what_pass_one_sees_runs_pass_one_again(webui):
     assert reused == []
 
 
+def test_a_variation_seed_counts_only_at_a_strength_above_zero(webui):
+    """The WebUI draws a new variation seed per call (subseed -1, the API's default); at
+    strength 0 it changes nothing, so it must not cost reuse; above 0 it changes the noise."""
+    run(webui, ON, subseed=-1)
+    _, same, _ = run(webui, with_fields(ON, threshold=0.3), subseed=-1)
+    assert "pass 1 reused" in status_of(same)
+    run(webui, ON, subseed=5, subseed_strength=0.3)
+    _, same, _ = run(webui, with_fields(ON, threshold=0.3), subseed=5, subseed_strength=0.3)
+    assert "pass 1 reused" in status_of(same)
+    _, other, _ = run(webui, with_fields(ON, threshold=0.3), subseed=6, subseed_strength=0.3)
+    assert "pass 1 reused" not in status_of(other)
+
+
 def test_img2img_changes_to_the_init_image_or_strength_run_pass_one_again(webui):
     run(webui, ON, img2img=True)
     _, same, _ = run(webui, with_fields(ON, threshold=0.3), img2img=True)

@@ -30,7 +30,6 @@ SAMPLING = (
     "image_cfg_scale",
     "s_min_uncond",
     "seeds",
-    "subseeds",
     "subseed_strength",
     "seed_resize_from_h",
     "seed_resize_from_w",
@@ -118,6 +117,10 @@ def pass_one(p: Any, params: Any, session: MonkeySession, unet: Any, fp: Fingerp
     fp.add("schedule", [params.sigma, session.clock.levels if session.clock else None])
     fp.add("schedule", [session.total])
     fp.add("sampling", {name: getattr(p, name, None) for name in SAMPLING})
+    if getattr(p, "subseed_strength", 0):
+        # a variation seed changes the noise only at a strength above 0; at 0 the WebUI still
+        # draws one per call (subseed -1), which must not cost reuse
+        fp.add("sampling", list(getattr(p, "subseeds", None) or []))
     init = getattr(p, "init_latent", None)
     if init is not None:  # img2img (in txt2img the strength is the hires pass's: pass 2 only)
         fp.add("init", [init, getattr(p, "denoising_strength", None)])
