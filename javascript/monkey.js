@@ -1,4 +1,4 @@
-// MONKEY: tooltips for the accordion's controls.
+// MONKEY: tooltips for the accordion's controls, and the mask preview redrawn after a generation.
 // The help texts come from the settings model; the Python side writes them into a hidden
 // `.monkey-hints` element inside each accordion, so this file holds no copy of them.
 (function () {
@@ -62,10 +62,44 @@
         });
     }
 
+    // After a generation that kept pass-1 maps (its infotext names them), redraw the accordion's
+    // mask preview as a slider move would, so the new attention map shows without a click.
+    const seenInfo = {};
+    function refreshMaskPreviews() {
+        const app = root();
+        if (!app || !app.querySelector) {
+            return;
+        }
+        ["txt2img", "img2img"].forEach(function (tab) {
+            const info = app.querySelector("#html_info_" + tab);
+            const button = app.querySelector("#script_" + tab + "_monkey_mask_preview_refresh");
+            if (!info || !button) {
+                return;
+            }
+            const text = info.textContent || "";
+            if (seenInfo[tab] === undefined) {
+                seenInfo[tab] = text; // the page's first state is no new generation
+                return;
+            }
+            if (text === seenInfo[tab]) {
+                return;
+            }
+            seenInfo[tab] = text;
+            if (text.indexOf("MONKEY maps:") >= 0) {
+                button.click();
+            }
+        });
+    }
+
+    function onUpdate() {
+        applyMonkeyHints();
+        refreshMaskPreviews();
+    }
+
     if (typeof onUiLoaded === "function") {
-        onUiLoaded(applyMonkeyHints);
+        onUiLoaded(onUpdate);
     }
     if (typeof onUiUpdate === "function") {
-        onUiUpdate(applyMonkeyHints);
+        onUiUpdate(onUpdate);
     }
 })();

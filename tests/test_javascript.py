@@ -159,3 +159,48 @@ def test_titles_monkey_set_before_are_corrected():
     result = run(HINTS, earlier={"threshold.span": HINTS[ENABLED], "thresholds": "old help"})
     assert result["titles"]["threshold.span"] == HINTS[THRESHOLD]
     assert result["titles"]["thresholds"] == HINTS[THRESHOLDS]
+
+
+# The preview's refresh: a page holding the txt2img infotext and the preview's refresh button;
+# each step sets the infotext, then runs the WebUI's update callbacks once.
+REFRESH = r"""
+const fs = require("fs");
+const steps = JSON.parse(process.argv[2]);
+let clicks = 0;
+const info = { id: "html_info_txt2img", textContent: "" };
+const button = { id: "script_txt2img_monkey_mask_preview_refresh", click() { clicks += 1; } };
+const app = {
+  querySelector(selector) {
+    return [info, button].find((n) => selector === "#" + n.id) || null;
+  },
+  querySelectorAll() { return []; },
+};
+globalThis.CSS = { escape: (s) => s };
+globalThis.gradioApp = () => app;
+const hooks = [];
+globalThis.onUiLoaded = (f) => hooks.push(f);
+globalThis.onUiUpdate = (f) => hooks.push(f);
+eval(fs.readFileSync(process.argv[1], "utf8"));
+const seen = steps.map((text) => { info.textContent = text; hooks.forEach((f) => f()); return clicks; });
+console.log(JSON.stringify(seen));
+"""
+
+
+def refresh_clicks(steps: list[str]) -> list[int]:
+    out = subprocess.run(
+        ["node", "-e", REFRESH, str(SCRIPT), json.dumps(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_a_generation_that_kept_maps_redraws_the_preview_once():
+    kept = "a dog, Steps: 8, MONKEY status: masked, MONKEY maps: 0123abcd"
+    other = "a dog, Steps: 8, MONKEY maps: 4567ef01"
+    plain = "a dog, Steps: 8"
+    # the page's first state is no generation; a new infotext with maps clicks once, the same
+    # infotext again (any later UI update) does not, one without maps (MONKEY off) does not
+    assert refresh_clicks(["", kept, kept, plain, other, other]) == [0, 1, 1, 1, 2, 2]
+    assert refresh_clicks([kept]) == [0]
