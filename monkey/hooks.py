@@ -173,6 +173,16 @@ class HookSet:
         if errors:
             raise errors[0]
 
+    def close(self) -> None:
+        """Remove every handle and forget them: the set is done. Handles' callbacks often
+        close over the objects that hold the set; forgetting them breaks that cycle, so what
+        the callbacks reach (a batch's patched UNet, its adapters) is freed when the batch
+        ends, not at the next full garbage collection."""
+        try:
+            self.remove()
+        finally:
+            self.handles = []
+
     @property
     def installed(self) -> bool:
         return any(handle.installed for handle in self.handles)

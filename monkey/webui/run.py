@@ -156,6 +156,7 @@ class MonkeyRun:
         finally:
             self._live = None
             LIVE_HOOKS.discard(hooks)
+            hooks.close()
         self._record(p, batch, result)
         return result.samples
 
