@@ -112,8 +112,13 @@ def run(
         "foreign": foreign or {},
         "earlier": earlier or {},
     }
+    return node(HARNESS, config)
+
+
+def node(harness: str, argument: object) -> object:
+    """Run ``harness`` in node with monkey.js's path and ``argument`` (JSON); its JSON output."""
     out = subprocess.run(
-        ["node", "-e", HARNESS, str(SCRIPT), json.dumps(config)],
+        ["node", "-e", harness, str(SCRIPT), json.dumps(argument)],
         capture_output=True,
         text=True,
         check=True,
@@ -187,13 +192,7 @@ console.log(JSON.stringify(seen));
 
 
 def refresh_clicks(steps: list[str]) -> list[int]:
-    out = subprocess.run(
-        ["node", "-e", REFRESH, str(SCRIPT), json.dumps(steps)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
+    return node(REFRESH, steps)
 
 
 def test_a_generation_that_kept_maps_redraws_the_preview_once():
