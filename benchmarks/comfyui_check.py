@@ -16,6 +16,10 @@ never shipped). Checks, each on latents saved by ``SaveLatent`` and compared exa
 
 Then the timing of MONKEY KSampler against KSampler on the same IPAdapter MODEL, interleaved:
 total ratio, the step-count ratio (pass-1 steps run + steps) / steps, and total / step-count.
+On a CPU server, start ComfyUI with glibc's allocator told to keep its memory
+(``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+MALLOC_TOP_PAD_=1073741824``): with the defaults every UNet call page-faults its activations
+afresh, which swings KSampler's own time by more than half from one server to the next.
 
 Run: ``python benchmarks/comfyui_check.py --url http://127.0.0.1:7862 [--steps 8] [--size 64]
 [--rounds 3] [--ckpt random-sd15.safetensors] [--image harness_ref.png] [--out DIR]``
