@@ -1,7 +1,9 @@
 """The thin surface of ComfyUI (v0.3.64) and ComfyUI_IPAdapter_plus that MONKEY touches, in our
 own words.
 
-Kept as ComfyUI has it: ``ModelPatcher.clone`` deep-copies ``model_options``;
+Kept as ComfyUI has it: ``ModelPatcher.clone`` deep-copies ``model_options`` (and names its
+``parent``); a collected patcher detaches (``__del__``: ejects its injections if they are in,
+moves its patches to the offload device);
 ``set_model_attn2_replace(patch, block_name, number, transformer_index=None)`` copies the dicts it
 writes into; ``comfy.samplers.KSampler(model, steps, device, sampler, scheduler, denoise,
 model_options)`` computes its ``sigmas`` (a denoise below 1 keeps the tail of a longer schedule)
@@ -153,13 +155,41 @@ class BaseModel:
 class ModelPatcher:
     def __init__(self, model: BaseModel):
         self.model = model
-        self.load_device = torch.device("cpu")
+        self.load_device = self.offload_device = torch.device("cpu")
         self.model_options = {"transformer_options": {}}
+        self.injections: dict[str, list] = {}
+        self.is_injected = False
+        self.parent = None
 
     def clone(self):
         n = ModelPatcher(self.model)
         n.model_options = copy.deepcopy(self.model_options)
+        n.injections = {key: list(value) for key, value in self.injections.items()}
+        n.parent = self
         return n
+
+    def eject_model(self):
+        if not self.is_injected:
+            return
+        for injections in self.injections.values():
+            for injection in injections:
+                injection.eject(self)
+        self.is_injected = False
+
+    def model_patches_to(self, device):
+        replace = self.model_options["transformer_options"].get("patches_replace", {})
+        for patches in replace.values():
+            for key in patches:
+                if hasattr(patches[key], "to"):
+                    patches[key] = patches[key].to(device)
+
+    def detach(self, unpatch_all=True):
+        self.eject_model()
+        self.model_patches_to(self.offload_device)
+        return self.model
+
+    def __del__(self):
+        self.detach(unpatch_all=False)
 
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
         to = dict(self.model_options["transformer_options"])

@@ -224,8 +224,10 @@ def test_the_users_model_is_never_changed_and_the_middle_block_patch_is_never_ca
     assert snapshot(model) == before and model.model_options is options
     patches = fc.attn2_of(model)
     assert not any(isinstance(p, MonkeyAttn2) for p in patches.values())
-    # the clone's copies ran; the user's objects were never called, nor is ("middle", 1) anywhere
-    assert all(patch.calls == 0 for patch in patches.values())
+    # the clone shares the user's patches (ran through the wrappers, never changed); ComfyUI
+    # never asks for ("middle", 1)
+    assert all(patch.calls > 0 for key, patch in patches.items() if key != ("middle", 1))
+    assert patches[("middle", 1)].calls == 0
 
 
 def test_every_wrapped_patch_is_called_and_the_middle_key_is_left_alone(comfy, monkeypatch):
@@ -239,13 +241,44 @@ def test_every_wrapped_patch_is_called_and_the_middle_key_is_left_alone(comfy, m
         return works[-1]
 
     monkeypatch.setattr(sys.modules["monkey.comfyui.run"], "wrapped_clone", keep)
-    monkey(comfy, ip_model())
-    attn2 = fc.attn2_of(works[0])
+    model = ip_model()
+    monkey(comfy, model)
+    attn2, users = fc.attn2_of(works[0]), fc.attn2_of(model)
     wrapped = {key for key, patch in attn2.items() if isinstance(patch, MonkeyAttn2)}
     assert len(wrapped) == 15 and ("middle", 1) not in wrapped
     assert all(attn2[key].patch.calls > 0 for key in wrapped)
     assert attn2[("middle", 1)].calls == 0  # ComfyUI never asks for it
     assert all(not attn2[key].session.active for key in wrapped)
+    # the user's patches themselves (not deep copies with the adapter's weights), in dicts of
+    # the clone's own
+    assert all(attn2[key].patch is users[key] for key in wrapped)
+    assert attn2[("middle", 1)] is users[("middle", 1)]
+    assert attn2 is not users and works[0].model_options is not model.model_options
+
+
+def test_the_clone_leaves_nothing_for_the_hosts_del_to_detach(comfy, monkeypatch):
+    """ComfyUI's (and reForge's) ``ModelPatcher.__del__`` detaches: the stand-in the shared
+    clone is made from must neither eject the loaded MODEL's injections nor fail there."""
+    import gc
+
+    from monkey.patcher import clone_sharing
+
+    ejected, unraisable = [], []
+
+    class Injection:
+        def eject(self, patcher):
+            ejected.append(patcher)
+
+    model = ip_model()
+    model.injections, model.is_injected = {"probe": [Injection()]}, True  # as when loaded
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    work = clone_sharing(model, {})
+    gc.collect()
+    assert not ejected and not unraisable and model.is_injected
+    assert work.parent is model and work.model is model.model
+    del work
+    gc.collect()
+    assert not ejected and not unraisable  # the clone itself was never injected
 
 
 def test_the_middle_block_as_mask_layer_is_refused_naming_the_setting(comfy):

@@ -371,14 +371,14 @@ def test_the_wrapped_clone_shares_controlnets_patches_instead_of_copying_them(we
     its wrappers around ControlNet's very patch objects, and ControlNet's patcher keeps them
     unwrapped."""
     clones = []
-    real = forge.wrapped_clone
+    real = forge.clone_sharing
 
     def spy(unet, replacements):
         work = real(unet, replacements)
         clones.append((unet, work, forge.attn2_entries(work)))
         return work
 
-    monkeypatch.setattr(forge, "wrapped_clone", spy)
+    monkeypatch.setattr(forge, "clone_sharing", spy)
     units = [{"seed": 7}, {"seed": 11}]
     generate(webui, make_forge_p(webui, with_fields(ON, mask_mode="per_unit"), units=units, **SIZE))
     assert len(clones) == 2  # pass 1 and pass 2
@@ -416,7 +416,7 @@ def test_the_wrapped_clone_is_the_patchers_own_clone_and_points_a_parent_at_the_
     unet.set_model_attn2_replace(patch, "output", 4)
     options = copy.deepcopy(unet.model_options)
     wrapper = object()
-    work = forge.wrapped_clone(unet, {id(patch): wrapper})
+    work = forge.clone_sharing(unet, {id(patch): wrapper})
     assert type(work) is ReForgePatcher and work.parent is unet and work.extra == ["kept"]
     assert work.extra is not unet.extra
     assert attn2_of(work)[("output", 4)] is wrapper

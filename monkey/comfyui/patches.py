@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..attn2 import MonkeyAttn2, chunk_keys, layer_name, sigma_of
+from ..patcher import attn2_entries, clone_sharing
 from ..session import MonkeySession
 
 UNIT_KWARGS = ("ipadapter", "cond", "uncond", "module_key", "sigma_start", "sigma_end")
@@ -37,17 +38,8 @@ def is_ip_patch(patch: Any) -> bool:
 
 
 def attn2_patches(model: Any) -> dict[tuple, Any]:
-    """The IPAdapter attn2 patches of a ModelPatcher, by ``patches_replace`` key (a MONKEY wrapper
-    found there counts as the patch it wraps)."""
-    options = getattr(model, "model_options", None) or {}
-    replace = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    found = {}
-    for key, patch in replace.items():
-        while isinstance(patch, MonkeyAttn2):
-            patch = patch.patch
-        if is_ip_patch(patch):
-            found[key] = patch
-    return found
+    """The IPAdapter attn2 patches of a ModelPatcher, by ``patches_replace`` key."""
+    return {key: patch for key, (_, patch) in attn2_entries(model, is_ip_patch).items()}
 
 
 class Attn2ReplaceUnits:
@@ -112,9 +104,12 @@ def called_layers(patches: dict[tuple, Any]) -> dict[tuple, str]:
 
 def wrapped_clone(model: Any, session: MonkeySession, units: Attn2ReplaceUnits) -> Any:
     """A clone of ``model`` whose called IPAdapter patches are MONKEY's wrappers around the
-    clone's own copies of them; ``model`` itself is not touched."""
-    work = model.clone()  # deep-copies model_options: the patches wrapped below are the clone's
-    patches = attn2_patches(work)
-    for key, layer in called_layers(patches).items():
-        work.set_model_attn2_replace(MonkeyAttn2(patches[key], layer, session, units), *key)
-    return work
+    model's own patches, shared with it as its other IPAdapter patches are (not deep-copied with
+    the adapter's weights); ``model`` itself is not touched."""
+    entries = attn2_entries(model, is_ip_patch)
+    layers = called_layers({key: patch for key, (_, patch) in entries.items()})
+    replacements = {
+        id(entry): MonkeyAttn2(patch, layers[key], session, units) if key in layers else patch
+        for key, (entry, patch) in entries.items()
+    }
+    return clone_sharing(model, replacements)

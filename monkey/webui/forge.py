@@ -8,20 +8,21 @@ patcher and registers its attn2 patches. So the two passes are the A1111 host's 
 and at each ``process_before_every_sampling`` of the batch (MONKEY's runs after ControlNet's:
 ``metadata.ini``) this backend clones the patched UNet again, with a ``MonkeyAttn2`` around each
 IP-Adapter patch in place of the deep copy of it that Forge's ``clone`` would make
-(``wrapped_clone``, ``forge_attn``). Nothing cached is touched: not the patcher ControlNet built
+(``monkey.patcher.clone_sharing``, ``forge_attn``). Nothing cached is touched: not the patcher ControlNet built
 nor its patches, not its cached parameters, not ``forge_objects_after_applying_lora``; when the
 batch ends the current ``forge_objects.unet`` goes back to the unwrapped one.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import layers as layer_tables
 from ..fingerprint import Fingerprint
 from ..hooks import HookSet
+from ..patcher import attn2_entries as patcher_entries
+from ..patcher import attn2_replace, clone_sharing
 from ..rows import RowLayout
 from ..session import MonkeySession, Phase
 from . import forge_attn
@@ -54,47 +55,10 @@ def ip_units(controlnet: Any) -> list[int] | None:
     ]
 
 
-def attn2_replace(unet: Any) -> dict:
-    """A UNet patcher's attn2 replacements, by ``patches_replace`` key (the dict itself)."""
-    options = getattr(unet, "model_options", None) or {}
-    return options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-
-
 def attn2_entries(unet: Any) -> dict[tuple, tuple[Any, Any]]:
-    """The IP-Adapter attn2 entries of a UNet patcher, by ``patches_replace`` key: the object
-    registered there and the IP-Adapter patch it is (a MONKEY wrapper found there, in a clone
-    of a patcher we wrapped, counts as the patch it wraps)."""
-    found = {}
-    for key, entry in attn2_replace(unet).items():
-        patch = entry
-        while isinstance(patch, forge_attn.MonkeyAttn2):
-            patch = patch.patch
-        if forge_attn.is_ip_patch(patch):
-            found[key] = (entry, patch)
-    return found
-
-
-def wrapped_clone(unet: Any, replacements: dict[int, Any]) -> Any:
-    """``unet.clone()`` in which each object whose ``id`` is a key of ``replacements`` is that
-    value, not a copy of it.
-
-    Forge's ``clone`` deep-copies ``model_options``, with it every IP-Adapter patch, and with
-    those the adapter's weights and image embeddings (tens of MB per unit, in every sampling
-    call). The copy keeps a later ``set_new_condition`` on the clone from reaching the patcher it
-    came from; MONKEY's wrappers never change the patch they wrap, so they share it. Everything
-    else is made by the patcher's own ``clone`` (whatever its Forge or reForge version copies),
-    from a shallow stand-in with empty ``model_options``, which are then deep-copied here with
-    each patch swapped for its wrapper (``deepcopy``'s memo). The patcher handed over is only
-    read; a clone that names the stand-in as its ``parent`` (reForge) is given the patcher.
-    """
-    stand_in = copy.copy(unet)
-    stand_in.model_options = {}
-    work = stand_in.clone()
-    for name, value in list(vars(work).items()):
-        if value is stand_in:
-            setattr(work, name, unet)
-    work.model_options = copy.deepcopy(unet.model_options, dict(replacements))
-    return work
+    """The IP-Adapter attn2 entries of a UNet patcher: the object registered under each key and
+    the ``CrossAttentionPatch`` it is."""
+    return patcher_entries(unet, forge_attn.is_ip_patch)
 
 
 class UnetSwap:
@@ -149,7 +113,7 @@ class ForgeBatch(IPBatch):
             layer = forge_attn.layer_name(key)  # the session says which layers and units record
             wrappers[id(entry)] = forge_attn.MonkeyAttn2(patch, layer, session)
         # never the patcher ControlNet handed over: a clone we own, sharing its patches
-        work = wrapped_clone(unet, wrappers)
+        work = clone_sharing(unet, wrappers)
         swap = UnetSwap(objects, unet, work)
         self.hooks.add(swap)
         swap.install()
