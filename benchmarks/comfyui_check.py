@@ -311,10 +311,12 @@ def main() -> int:
                 times.append(comfy.run(graph, f"timing {sampler}")["seconds"])
         total = statistics.median(monkey_s) / statistics.median(plain_s)
         count = (pass1_run + opts.steps) / opts.steps
+        rounds = [m / p / count for m, p in zip(monkey_s, plain_s)]
         print(
             f"timing ({opts.rounds} interleaved rounds, {opts.steps} steps, {opts.size} px): "
             f"KSampler {statistics.median(plain_s):.1f} s {plain_s}, MONKEY {statistics.median(monkey_s):.1f} s "
-            f"{monkey_s}; total {total:.3f}, step-count {count:.3f}, total / step-count {total / count:.3f}"
+            f"{monkey_s}; total {total:.3f}, step-count {count:.3f}, total / step-count {total / count:.3f} "
+            f"(per round: median {statistics.median(rounds):.3f}, {min(rounds):.3f}-{max(rounds):.3f})"
         )
     print("ALL PASS" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0

@@ -393,3 +393,26 @@ def test_sdxl_keys_resolve_to_sdxl_layers_without_the_middle_block():
     family, source = _layers(MonkeyArgs(enabled=True), sorted(called.values()))
     assert family is SDXL and source == SDXL.default_source
     assert not any(name.startswith("middle_block") for name in called.values())
+
+
+@pytest.mark.parametrize("mask_mode", ["shared", "per_unit"])
+def test_nothing_of_a_run_waits_for_the_garbage_collector(comfy, mask_mode):
+    """As on the WebUIs (test_webui_cycles): a run's session, hooks, wrapped clone and masks
+    go with reference counting, not at ComfyUI's next full collection."""
+    import gc
+
+    from monkey.comfyui.run import MonkeyRun
+    from monkey.hooks import HookSet
+
+    model = ip_model(seeds=(7, 11))
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        monkey(comfy, model, mask_mode=mask_mode)
+        gc.collect()
+        ours = (MonkeySession, HookSet, MonkeyRun, MonkeyAttn2, fc.ModelPatcher)
+        left = [o for o in gc.garbage if isinstance(o, ours)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
