@@ -8,9 +8,10 @@ patcher and registers its attn2 patches. So the two passes are the A1111 host's 
 and at each ``process_before_every_sampling`` of the batch (MONKEY's runs after ControlNet's:
 ``metadata.ini``) this backend clones the patched UNet again, with a ``MonkeyAttn2`` around each
 IP-Adapter patch in place of the deep copy of it that Forge's ``clone`` would make
-(``monkey.patcher.clone_sharing``, ``forge_attn``). Nothing cached is touched: not the patcher ControlNet built
-nor its patches, not its cached parameters, not ``forge_objects_after_applying_lora``; when the
-batch ends the current ``forge_objects.unet`` goes back to the unwrapped one.
+(``monkey.patcher.clone_sharing``, ``forge_attn``). Nothing cached is touched: not the patcher
+ControlNet built nor its patches, not its cached parameters, not
+``forge_objects_after_applying_lora``; when the batch ends the current ``forge_objects.unet``
+goes back to the unwrapped one.
 """
 
 from __future__ import annotations
