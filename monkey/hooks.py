@@ -174,14 +174,17 @@ class HookSet:
             raise errors[0]
 
     def close(self) -> None:
-        """Remove every handle and forget them: the set is done. Handles' callbacks often
-        close over the objects that hold the set; forgetting them breaks that cycle, so what
-        the callbacks reach (a batch's patched UNet, its adapters) is freed when the batch
-        ends, not at the next full garbage collection."""
+        """Remove every handle and forget them, and close the sets among them: the set is
+        done. Handles' callbacks often close over the objects that hold the set; forgetting
+        them breaks that cycle, so what the callbacks reach (a batch's patched UNet, its
+        adapters) is freed when the batch ends, not at the next full garbage collection."""
         try:
             self.remove()
         finally:
-            self.handles = []
+            handles, self.handles = self.handles, []
+            for handle in handles:
+                if isinstance(handle, HookSet):
+                    handle.close()  # already removed above: this only forgets
 
     @property
     def installed(self) -> bool:

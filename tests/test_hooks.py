@@ -124,3 +124,13 @@ def test_remove_continues_past_a_failing_handle():
     with pytest.raises(RuntimeError, match="bad restore"):
         hooks.remove()
     assert removed == [1]
+
+
+def test_close_removes_and_forgets_every_handle_in_nested_sets_too():
+    log = []
+    inner = HookSet([CallbackHook(lambda: log.append("+in"), lambda: log.append("-in"))])
+    outer = HookSet([CallbackHook(lambda: log.append("+out"), lambda: log.append("-out")), inner])
+    outer.install()
+    outer.close()
+    assert log == ["+out", "+in", "-in", "-out"]
+    assert outer.handles == [] and inner.handles == []  # nothing left to hold a callback's owner

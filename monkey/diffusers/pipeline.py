@@ -302,14 +302,17 @@ class PipelineRun:
                 self.pipe._interrupt = False
 
     def run(self) -> MonkeyPipelineOutput:
-        result = run_two_pass(
-            self.session,
-            self.sample,
-            reset_noise=self.reset_noise,
-            hooks=self.hooks,
-            cancelled=lambda: self.interrupted,
-            first_is_final=self.first_steps == self.steps,
-        )
+        try:
+            result = run_two_pass(
+                self.session,
+                self.sample,
+                reset_noise=self.reset_noise,
+                hooks=self.hooks,
+                cancelled=lambda: self.interrupted,
+                first_is_final=self.first_steps == self.steps,
+            )
+        finally:
+            self.hooks.close()  # its callbacks hold this run: no cycle outlives the call
         kept = result.kept
         final, first = result.samples, result.first
         size = _image_size(final.images)
